@@ -1,0 +1,131 @@
+"""Loading CED weights from the official Zenodo files (`{'model': state_dict}`), bare state dicts (with or without
+the torchaudio front-end buffers of the official code) and this project's Lightning checkpoints.
+
+This project's Lightning checkpoints hold the network under the `model.` prefix of `state_dict` and describe it in
+`checkpoint["ced_model"] = {"name", "num_classes", "pooling"}`, optionally with inference weights (averaged or EMA) in
+`checkpoint["ced_model"]["state_dict"]`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ced_train.models.ced import CEDModel
+from ced_train.models.registry import create_model, list_models, variant_dims
+
+# Buffers of torchaudio's MelSpectrogram inside the official `front_end` Sequential: recomputed here, so dropped.
+_FRONT_END_PREFIX = "front_end."
+_LIGHTNING_PREFIX = "model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the offending keys or tensors."""
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read `path` → (network state dict with official names, model description).
+
+    The description holds what the file says about the network (`name`, `num_classes`, `pooling`), empty for
+    official files and bare state dicts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # Lightning checkpoints pickle hyper-parameters; the file is a local path the user chose.
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})")
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(payload).__name__}")
+    description = dict(payload.get("ced_model") or {})
+    if "state_dict" in description:
+        state_dict = description.pop("state_dict")
+    elif "state_dict" in payload and isinstance(payload["state_dict"], dict):
+        state_dict = {
+            key[len(_LIGHTNING_PREFIX) :]: value
+            for key, value in payload["state_dict"].items()
+            if key.startswith(_LIGHTNING_PREFIX)
+        }
+        if not state_dict:
+            raise CheckpointError(f"{path}: Lightning checkpoint without '{_LIGHTNING_PREFIX}*' tensors")
+    elif "model" in payload and isinstance(payload["model"], dict):
+        state_dict = payload["model"]
+    else:
+        state_dict = payload
+    if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise CheckpointError(f"{path}: no state dict found (keys: {sorted(payload)[:10]})")
+    return state_dict, description
+
+
+def infer_model_name(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> str:
+    """The registered variant whose width and depth match the tensors of `state_dict`."""
+    try:
+        embed_dim = state_dict["patch_embed.proj.weight"].shape[0]
+    except KeyError:
+        raise CheckpointError(f"{source}: no 'patch_embed.proj.weight': not a CED checkpoint") from None
+    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    for name in list_models():
+        dims = variant_dims(name)
+        if (dims["embed_dim"], dims["depth"]) == (embed_dim, depth):
+            return name
+    raise CheckpointError(f"{source}: no registered variant has embed_dim={embed_dim}, depth={depth}")
+
+
+def resize_pos_embed(table: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Resize a positional table along `dim` (-1 time, -2 frequency) as the official code does: truncate when the
+    target is shorter, bilinear interpolation (align_corners=False) when it is longer."""
+    if table.shape[dim] >= size:
+        return table.narrow(dim, 0, size)
+    target = (1, size) if dim == -1 else (size, 1)
+    return nn.functional.interpolate(table, size=target, mode="bilinear", align_corners=False)
+
+
+def load_weights(model: CEDModel, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> CEDModel:
+    """Load `state_dict` (official names) into `model` strictly, resizing positional tables of another length.
+
+    Raises:
+        CheckpointError: listing missing and unexpected keys, or naming a tensor whose shape differs.
+    """
+    own = model.state_dict()
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(_FRONT_END_PREFIX)}
+    for name, dim in (("time_pos_embed", -1), ("freq_pos_embed", -2)):
+        if name in state_dict and state_dict[name].ndim == 4:
+            state_dict[name] = resize_pos_embed(state_dict[name], own[name].shape[dim], dim)
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: state dict does not match the model: missing {len(missing)} keys {missing}, "
+            f"unexpected {len(unexpected)} keys {unexpected}"
+        )
+    for key, value in state_dict.items():
+        if value.shape != own[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwargs) -> CEDModel:
+    """Build and load a CED model from a checkpoint file, in eval mode.
+
+    Args:
+        path: official `.pt`, bare state dict or Lightning `.ckpt` of this project.
+        model_name: registered variant; inferred from the file when None.
+        model_kwargs: overrides such as `pooling`; `num_classes` defaults to the head in the file.
+    """
+    state_dict, description = read_checkpoint(path)
+    name = model_name or description.get("name") or infer_model_name(state_dict, str(path))
+    head = state_dict.get("outputlayer.1.weight")
+    kwargs = {"pooling": description.get("pooling", "mean")}
+    if head is not None:
+        kwargs["num_classes"] = head.shape[0]
+    model = create_model(name, **{**kwargs, **model_kwargs})
+    return load_weights(model, state_dict, str(path)).eval()
