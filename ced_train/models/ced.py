@@ -140,19 +140,19 @@ class CEDModel(nn.Module):
         """`(batch, mels, frames)` log-mel dB → `(batch, num_classes)`.
 
         Inputs longer than `target_length` frames are split into chunks of that length (the last zero-padded after
-        BatchNorm), run as one batch, and the chunk outputs averaged.
+        BatchNorm), run as one batch, and the chunk outputs averaged. Written without data-dependent branches, so
+        the graph exports with a dynamic time axis: an input that fits the table is one chunk of its own length.
         """
         spec = self.normalise(mel_db)
-        frames = spec.shape[-1]
-        if frames < self.patch_size:
-            spec = nn.functional.pad(spec, (0, self.patch_size - frames))
-        if frames <= self.target_length:
-            return self.forward_head(self.forward_features(spec))
-        num_chunks = -(-frames // self.target_length)
-        spec = nn.functional.pad(spec, (0, num_chunks * self.target_length - frames))
-        chunks = torch.cat(spec.split(self.target_length, dim=-1), dim=0)
-        outputs = self.forward_head(self.forward_features(chunks))
-        return outputs.view(num_chunks, -1, outputs.shape[-1]).mean(0)
+        batch, frames = spec.shape[0], spec.shape[-1]
+        spec = nn.functional.pad(spec, (0, torch.sym_max(self.patch_size - frames, 0)))
+        frames = torch.sym_max(frames, self.patch_size)
+        chunk_frames = torch.sym_min(frames, self.target_length)
+        num_chunks = (frames + self.target_length - 1) // self.target_length
+        spec = nn.functional.pad(spec, (0, num_chunks * chunk_frames - frames))
+        chunks = spec.reshape(batch, 1, spec.shape[2], num_chunks, chunk_frames).permute(3, 0, 1, 2, 4)
+        outputs = self.forward_head(self.forward_features(chunks.reshape(num_chunks * batch, 1, -1, chunk_frames)))
+        return outputs.reshape(num_chunks, batch, -1).mean(0)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.forward_spectrogram(self.front_end(waveform))

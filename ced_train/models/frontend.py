@@ -74,12 +74,14 @@ class LogMelFrontEnd(nn.Module):
 
     def num_frames(self, num_samples: int) -> int:
         """Frames produced for `num_samples` input samples (centred framing)."""
-        return num_samples // self.hop_samples + 1
+        return max(num_samples, self.n_fft // 2 + 1) // self.hop_samples + 1
 
     def mel_power(self, waveform: torch.Tensor) -> torch.Tensor:
         """`(batch, samples)` → `(batch, n_mels, frames)` mel power spectrogram (before dB)."""
+        # Reflect padding needs more than n_fft // 2 samples: shorter inputs (< 16 ms) are zero-padded to that.
+        waveform = nn.functional.pad(waveform.float(), (0, torch.sym_max(self.n_fft // 2 + 1 - waveform.shape[-1], 0)))
         spec = torch.stft(
-            waveform.float(),
+            waveform,
             n_fft=self.n_fft,
             hop_length=self.hop_samples,
             win_length=self.n_fft,

@@ -1,0 +1,117 @@
+"""Tag audio files with a CED checkpoint.
+
+    python -m ced_train.tag FILE... --checkpoint PATH [--top-k 5] [--chunk-seconds 10] [--json]
+
+Each file is decoded (wav, flac, ogg, mp3, and via ffmpeg when installed, other formats), downmixed, resampled to
+16 kHz and cut into chunks of `--chunk-seconds`; each chunk's top-k classes are printed with their probabilities.
+A file that cannot be read is reported on one line on stderr and the other files are still tagged; the exit code is
+then 1. A checkpoint that cannot be loaded stops the run with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ced_train.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from ced_train.labels import load_class_labels
+from ced_train.models import CEDModel, CheckpointError, load_checkpoint
+
+
+def tag_waveform(model: CEDModel, waveform: torch.Tensor, chunk_samples: int) -> torch.Tensor:
+    """`(samples,)` float32 at 16 kHz → `(chunks, classes)` probabilities, one row per chunk of `chunk_samples`."""
+    chunks = waveform.split(chunk_samples)
+    with torch.inference_mode():
+        return torch.cat([model(chunk.unsqueeze(0)) for chunk in chunks])
+
+
+def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[dict]:
+    """`(classes,)` probabilities → the `k` most probable as `{"index", "label", "probability"}`, descending."""
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [
+        {"index": int(i), "label": names[i], "probability": round(float(v), 4)}
+        for v, i in zip(values.tolist(), indices.tolist())
+    ]
+
+
+def class_names(num_classes: int, label_file: str | None) -> list[str]:
+    """Display names for the model's outputs: the given label file, AudioSet's for 527 outputs, else `class_<i>`."""
+    if label_file is not None or num_classes == 527:
+        names = list(load_class_labels(label_file).names)
+        if len(names) != num_classes:
+            raise ValueError(f"label file {label_file} has {len(names)} classes, the model outputs {num_classes}")
+        return names
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def tag_file(model: CEDModel, path: str, names: list[str], top_k: int, chunk_seconds: float) -> dict:
+    """Decode and tag one file → `{"file", "duration_s", "chunks": [{"start_s", "end_s", "labels"}]}`."""
+    waveform = torch.from_numpy(load_audio(path).waveform)
+    chunk_samples = max(1, round(chunk_seconds * SAMPLE_RATE))
+    probs = tag_waveform(model, waveform, chunk_samples)
+    duration_s = waveform.numel() / SAMPLE_RATE
+    chunks = [
+        {
+            "start_s": round(i * chunk_seconds, 3),
+            "end_s": round(min((i + 1) * chunk_seconds, duration_s), 3),
+            "labels": top_classes(row, names, top_k),
+        }
+        for i, row in enumerate(probs)
+    ]
+    return {"file": path, "duration_s": round(duration_s, 3), "chunks": chunks}
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{result['file']} ({result['duration_s']:.2f} s)"]
+    for chunk in result["chunks"]:
+        lines.append(f"  [{chunk['start_s']:7.2f} - {chunk['end_s']:7.2f} s]")
+        lines.extend(f"    {label['probability']:.3f}  {label['label']}" for label in chunk["labels"])
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ced_train.tag", description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files to tag")
+    parser.add_argument("--checkpoint", required=True, help="official CED .pt, state dict or ced-train .ckpt")
+    parser.add_argument("--top-k", type=int, default=5, help="classes printed per chunk (default 5)")
+    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length in seconds (default 10)")
+    parser.add_argument("--labels", default=None, help="label file (index,mid,display_name); default AudioSet")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.chunk_seconds <= 0:
+        parser.error(f"--chunk-seconds must be > 0, got {args.chunk_seconds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = load_checkpoint(args.checkpoint)
+        names = class_names(model.num_classes, args.labels)
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"error: checkpoint {args.checkpoint}: {error}", file=sys.stderr)
+        return 2
+    results, failed = [], 0
+    for path in args.files:
+        try:
+            result = tag_file(model, path, names, args.top_k, args.chunk_seconds)
+        except (AudioDecodeError, OSError) as error:
+            print(f"error: {path}: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append(result)
+        if not args.json:
+            print(format_result(result), flush=True)
+    if args.json:
+        print(json.dumps({"checkpoint": str(Path(args.checkpoint)), "results": results}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

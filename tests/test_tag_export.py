@@ -1,0 +1,97 @@
+"""The tagging CLI (`python -m ced_train.tag`) and ONNX export (`python -m ced_train.export`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import soundfile as sf
+import torch
+
+from ced_train import export, tag
+from ced_train.labels import load_class_labels
+from ced_train.models import create_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "ced_test.pt"
+    torch.save({"model": create_model("ced_test").state_dict()}, path)
+    return path
+
+
+def tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * 440 * t)
+    return np.stack([signal] * channels, axis=1) if channels > 1 else signal
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audio")
+    files = {
+        "a.wav": (tone(3.0, 16000), 16000),
+        "b.flac": (tone(12.5, 44100, channels=2), 44100),
+        "c.ogg": (tone(2.0, 22050), 22050),
+        "d.mp3": (tone(1.5, 48000), 48000),
+    }
+    for name, (data, rate) in files.items():
+        sf.write(folder / name, data, rate)
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
+    return folder
+
+
+def test_tags_every_common_format_with_one_row_per_chunk(audio_files, checkpoint, capsys):
+    paths = [str(audio_files / n) for n in ("a.wav", "b.flac", "c.ogg", "d.mp3")]
+    assert tag.main([*paths, "--checkpoint", str(checkpoint), "--top-k", "3", "--chunk-seconds", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["file"] for r in results] == paths
+    assert [len(r["chunks"]) for r in results] == [1, 3, 1, 1]
+    assert results[1]["duration_s"] == pytest.approx(12.5, abs=0.01)
+    assert results[1]["chunks"][-1]["end_s"] == pytest.approx(12.5, abs=0.01)
+    names = set(load_class_labels().names)
+    for chunk in (c for r in results for c in r["chunks"]):
+        probabilities = [label["probability"] for label in chunk["labels"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert all(label["label"] in names for label in chunk["labels"])
+
+
+def test_text_output_prints_display_names(audio_files, checkpoint, capsys):
+    assert tag.main([str(audio_files / "a.wav"), "--checkpoint", str(checkpoint)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(str(audio_files / "a.wav"))
+    assert len(out) == 1 + 1 + 5  # file line, one chunk line, five classes
+
+
+def test_unreadable_file_is_one_line_error_and_the_others_are_still_tagged(audio_files, checkpoint, capsys):
+    broken, missing = audio_files / "broken.wav", audio_files / "absent.flac"
+    code = tag.main([str(broken), str(audio_files / "a.wav"), str(missing), "--checkpoint", str(checkpoint), "--json"])
+    captured = capsys.readouterr()
+    assert code == 1
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2 and str(broken) in errors[0] and str(missing) in errors[1]
+    assert [r["file"] for r in json.loads(captured.out)["results"]] == [str(audio_files / "a.wav")]
+
+
+def test_wrong_checkpoint_is_one_line_error_naming_it(audio_files, tmp_path, capsys):
+    bad = tmp_path / "not_a_model.pt"
+    torch.save({"model": {"weight": torch.zeros(2)}}, bad)
+    assert tag.main([str(audio_files / "a.wav"), "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_onnx_export_matches_torch_on_several_lengths(tmp_path, checkpoint, capsys):
+    out = tmp_path / "model.onnx"
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(out))
+    model = tag.load_checkpoint(checkpoint)
+    for batch, seconds in [(1, 1.0), (2, 4.0), (1, 23.7)]:
+        waveform = torch.randn(batch, round(seconds * 16000)) * 0.1
+        (probs,) = session.run(None, {"waveform": waveform.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(probs, model(waveform).numpy(), rtol=0, atol=1e-5)
