@@ -51,6 +51,8 @@ def class_names(num_classes: int, label_file: str | None) -> list[str]:
 def tag_file(model: CEDModel, path: str, names: list[str], top_k: int, chunk_seconds: float) -> dict:
     """Decode and tag one file → `{"file", "duration_s", "chunks": [{"start_s", "end_s", "labels"}]}`."""
     waveform = torch.from_numpy(load_audio(path).waveform)
+    if waveform.numel() == 0:
+        raise AudioDecodeError(path, "no audio samples")
     chunk_samples = max(1, round(chunk_seconds * SAMPLE_RATE))
     probs = tag_waveform(model, waveform, chunk_samples)
     duration_s = waveform.numel() / SAMPLE_RATE
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         try:
             result = tag_file(model, path, names, args.top_k, args.chunk_seconds)
-        except (AudioDecodeError, OSError) as error:
-            print(f"error: {path}: {error}", file=sys.stderr)
+        except AudioDecodeError as error:  # its message names the file
+            print(f"error: {error}", file=sys.stderr)
             failed += 1
             continue
         results.append(result)

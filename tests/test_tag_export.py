@@ -41,6 +41,7 @@ def audio_files(tmp_path_factory):
     for name, (data, rate) in files.items():
         sf.write(folder / name, data, rate)
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
+    sf.write(folder / "empty.wav", np.zeros(0), 16000)
     return folder
 
 
@@ -67,12 +68,14 @@ def test_text_output_prints_display_names(audio_files, checkpoint, capsys):
 
 
 def test_unreadable_file_is_one_line_error_and_the_others_are_still_tagged(audio_files, checkpoint, capsys):
-    broken, missing = audio_files / "broken.wav", audio_files / "absent.flac"
-    code = tag.main([str(broken), str(audio_files / "a.wav"), str(missing), "--checkpoint", str(checkpoint), "--json"])
+    broken, missing, empty = audio_files / "broken.wav", audio_files / "absent.flac", audio_files / "empty.wav"
+    files = [str(broken), str(audio_files / "a.wav"), str(missing), str(empty)]
+    code = tag.main([*files, "--checkpoint", str(checkpoint), "--json"])
     captured = capsys.readouterr()
     assert code == 1
     errors = captured.err.strip().splitlines()
-    assert len(errors) == 2 and str(broken) in errors[0] and str(missing) in errors[1]
+    assert len(errors) == 3
+    assert all(str(path) in line for path, line in zip([broken, missing, empty], errors))
     assert [r["file"] for r in json.loads(captured.out)["results"]] == [str(audio_files / "a.wav")]
 
 
