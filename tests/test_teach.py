@@ -1,0 +1,346 @@
+"""The teacher pass end to end on tiny real shards and tiny CED teachers: store contents, bit-exact replay in the
+student's data path, 2 processes over gloo, kill and resume, and what `verify` catches."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ced_train import store as store_module
+from ced_train.augment import AugmentConfig
+from ced_train.models import create_model
+from ced_train.stages.teach import teacher_pass
+from ced_train.store import StoreError, TeacherStore, verify
+from ced_train.teachers import TeacherEnsemble, load_ensemble
+from ced_train.views import ViewDataset
+from test_views import make_shards
+
+AUGMENT = AugmentConfig(mixup_prob=0.75, mixup_block_clips=2)
+VIEWS = 3
+CLIPS = 21  # the synthetic_train_shards fixture
+REPO = Path(__file__).resolve().parents[1]
+
+
+class HashTeacher:
+    """A teacher whose top-20 classes are a hash of the exact input bits: equal top-k ⇔ (practically) equal input."""
+
+    num_classes = 527
+
+    def __call__(self, mel_db: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((mel_db.shape[0], self.num_classes), -30.0)
+        for i, row in enumerate(mel_db.float().cpu()):
+            digest = hashlib.sha256(row.contiguous().numpy().tobytes()).digest()
+            classes = np.random.default_rng(list(digest)).permutation(self.num_classes)[:20]
+            logits[i, torch.from_numpy(classes)] = torch.linspace(3.0, -2.0, 20)
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, synthetic_train_shards):
+    """The synthetic dataset's train shards (21 clips, 3 shards), two `ced_test` teacher checkpoints, and the store
+    of one pass over them."""
+    root = tmp_path_factory.mktemp("teach")
+    shards = synthetic_train_shards
+    checkpoints = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        checkpoints.append(root / f"teacher{seed}.pt")
+        torch.save({"model": create_model("ced_test").state_dict()}, checkpoints[-1])
+    store = root / "store" / "tiny.h5"
+    teacher_pass(shards, store, load_ensemble(checkpoints), AUGMENT, seed=0, num_views=VIEWS, batch_size=4,
+                 progress=False)
+    return {"root": root, "shards": shards, "checkpoints": checkpoints, "store": store}
+
+
+def read_arrays(path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as file:
+        return {name: file[name][...] for name in store_module.DATASETS}
+
+
+def assert_same_store(a, b) -> None:
+    arrays_a, arrays_b = read_arrays(a), read_arrays(b)
+    for name in store_module.DATASETS:
+        assert np.array_equal(arrays_a[name], arrays_b[name]), name
+
+
+def test_two_teacher_store_passes_verify_and_holds_every_clip_view(tiny, capsys):
+    summary = verify(tiny["store"], tiny["shards"])
+    assert (summary["clips"], summary["views"], summary["coverage"]) == (CLIPS, VIEWS, 1.0)
+    assert [t["file"] for t in summary["teachers"]] == ["teacher0.pt", "teacher1.pt"]
+    assert summary["payload_bytes_per_clip_view"] == 93
+    assert store_module.main(["verify", str(tiny["store"]), "--shards", str(tiny["shards"])]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert store_module.main(["info", str(tiny["store"])]) == 0
+    assert "coverage" in capsys.readouterr().out
+
+
+def test_stored_outputs_are_the_ensembles_top_k_for_the_replayed_inputs(tiny):
+    ensemble = load_ensemble(tiny["checkpoints"])
+    dataset = ViewDataset(tiny["shards"], store=tiny["store"])
+    dataset.set_epoch(1)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
+    with torch.no_grad():
+        values, indices = ensemble(batch["mel_db"]).topk(20)
+    # float16 storage; the order may differ only between near-equal probabilities.
+    assert torch.allclose(batch["topk_values"], values, atol=1e-3)
+    assert (batch["topk_indices"] == indices).float().mean() > 0.95
+
+
+@pytest.fixture(scope="module")
+def hashed(tiny):
+    """A store written by the hash teacher: its stored indices fingerprint the exact tensors the pass fed it."""
+    path = tiny["root"] / "store" / "hashed.h5"
+    ensemble = TeacherEnsemble([HashTeacher()], sources=[{"file": "hash"}])
+    teacher_pass(tiny["shards"], path, ensemble, AUGMENT, seed=0, num_views=VIEWS, batch_size=5, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("num_workers, batch_size", [(0, 1), (0, 8), (2, 3)])
+def test_replayed_views_are_bit_identical_to_what_the_teachers_saw(tiny, hashed, num_workers, batch_size):
+    dataset = ViewDataset(tiny["shards"], store=hashed)
+    seen = set()
+    for epoch in range(VIEWS):
+        dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        for batch in loader:
+            _, replayed = HashTeacher()(batch["mel_db"]).topk(20)
+            assert torch.equal(replayed, batch["topk_indices"]), batch["key"]
+            seen.update(zip(batch["key"], batch["view"].tolist()))
+    assert len(seen) == CLIPS * VIEWS
+
+
+def test_consistent_mixup_is_stored_with_partners_in_the_same_shard(tiny):
+    with TeacherStore(tiny["store"]) as store:
+        params = np.concatenate([store.read(v, 0, store.num_clips)[2] for v in range(VIEWS)])
+        assert (params["partner_row"] >= 0).any() and (params["shift_frames"] != 0).any()
+        for name in store.shard_names:
+            start, stop = store.shard_rows(name)
+            partners = np.stack([store.read(v, start, stop)[2]["partner_row"] for v in range(VIEWS)])
+            assert partners.max() < stop - start
+
+
+def test_a_second_run_with_the_same_settings_does_nothing(tiny, capsys):
+    before = tiny["store"].stat().st_mtime_ns
+    summary = teacher_pass(tiny["shards"], tiny["store"], load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
+                           num_views=VIEWS, progress=False)
+    assert summary["clips_run_by_this_rank"] == 0 and tiny["store"].stat().st_mtime_ns == before
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_an_existing_store_of_other_settings_is_not_overwritten_unless_asked(tiny):
+    with pytest.raises(StoreError, match="mixup_alpha"):
+        teacher_pass(tiny["shards"], tiny["store"], load_ensemble(tiny["checkpoints"]),
+                     AugmentConfig(mixup_prob=0.75, mixup_block_clips=2, mixup_alpha=0.2), seed=0, num_views=VIEWS,
+                     progress=False)
+
+
+def test_overwrite_replaces_a_store_and_parts_of_other_settings_but_nothing_else(tiny, tmp_path):
+    store = Path(shutil.copy(tiny["store"], tmp_path / "other.h5"))
+    changed = AugmentConfig(mixup_prob=0.0, mixup_block_clips=2)
+    # A leftover part of yet another pass for the first shard.
+    with TeacherStore(tiny["store"]) as old:
+        first = old.shard_names[0]
+        start, stop = old.shard_rows(first)
+        arrays = [np.stack([old.read(v, start, stop)[i] for v in range(VIEWS)]) for i in (2, 0, 1)]
+        other_spec = dataclasses.replace(old.spec, seed=99)
+        store_module.write_part(tmp_path / "other.h5.parts" / f"{first}.h5", other_spec, first,
+                                old.keys(start, stop), *arrays)
+    run = dict(seed=0, num_views=VIEWS, batch_size=4, progress=False)
+    with pytest.raises(StoreError, match="mixup_prob"):
+        teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), changed, **run)
+    store.unlink()
+    with pytest.raises(StoreError, match="written for another pass"):
+        teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), changed, **run)
+    shutil.copy(tiny["store"], store)
+    teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), changed, overwrite=True, **run)
+    verify(store, tiny["shards"], augment=changed)
+
+
+def test_teachers_with_different_class_counts_are_refused(tiny):
+    path = tiny["root"] / "ten_classes.pt"
+    torch.save({"model": create_model("ced_test", num_classes=10).state_dict()}, path)
+    with pytest.raises(ValueError, match="number of classes"):
+        load_ensemble([tiny["checkpoints"][0], path])
+
+
+def test_probability_and_logit_averaging():
+    class Fixed:
+        num_classes = 1
+
+        def __init__(self, logit):
+            self.logit = logit
+
+        def __call__(self, mel_db):
+            return torch.full((mel_db.shape[0], 1), self.logit)
+
+    mel = torch.zeros(1, 64, 16)
+    probs = TeacherEnsemble([Fixed(2.0), Fixed(-2.0)], "probs")(mel)
+    logits = TeacherEnsemble([Fixed(2.0), Fixed(-4.0)], "logits")(mel)
+    assert probs.item() == pytest.approx(0.5) and logits.item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)))
+
+
+# ------------------------------------------------------------------------------------------------- verify
+
+
+def copy_store(tiny, tmp_path) -> Path:
+    return Path(shutil.copy(tiny["store"], tmp_path / "copy.h5"))
+
+
+def test_verify_catches_a_truncated_store(tiny, tmp_path, capsys):
+    path = copy_store(tiny, tmp_path)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    with pytest.raises(StoreError, match="truncated"):
+        verify(path, tiny["shards"])
+    assert store_module.main(["verify", str(path), "--shards", str(tiny["shards"])]) == 1
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_verify_catches_a_store_made_from_other_shards(tiny, tmp_path):
+    other = make_shards(tmp_path / "other", [10, 10, 5], 3, seed=1)
+    with pytest.raises(StoreError) as error:
+        verify(tiny["store"], other)
+    assert "manifest fingerprint" in str(error.value) and "not in the manifest" in str(error.value)
+
+
+def test_verify_catches_a_changed_augmentation_config(tiny, tmp_path, capsys):
+    with pytest.raises(StoreError, match="mixup_block_clips: 2 != 128"):
+        verify(tiny["store"], tiny["shards"], augment=AugmentConfig(mixup_prob=0.75))
+    expected = REPO / "configs" / "augment" / "ced.yaml"
+    argv = ["verify", str(tiny["store"]), "--shards", str(tiny["shards"]), "--augment", str(expected)]
+    assert store_module.main(argv) == 1
+    assert "mixup_block_clips" in capsys.readouterr().err
+    # A store whose recorded config was changed after the pass: the parameters no longer re-draw from it.
+    path = copy_store(tiny, tmp_path)
+    with h5py.File(path, "r+") as file:
+        file.attrs["augment"] = AugmentConfig(mixup_prob=0.75, mixup_block_clips=2, time_mask_max_frames=100).to_json()
+    with pytest.raises(StoreError, match="re-drawn parameter records differ") as error:
+        verify(path, tiny["shards"])
+    assert "attributes were edited" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "dataset, index, value, message",
+    [
+        ("topk_indices", (1, 2), -1, "1 .clip, view. entries with missing"),
+        ("topk_values", (0, 4, 0), 1.5, "values outside"),
+        ("topk_values", (2, 0, 3), np.nan, "non-finite"),
+        ("topk_indices", (0, 1, 5), 600, "indices outside"),
+        ("keys", 1, "first key", "more than once"),
+    ],
+)
+def test_verify_catches_corrupted_entries(tiny, tmp_path, dataset, index, value, message):
+    path = copy_store(tiny, tmp_path)
+    with h5py.File(path, "r+") as file:
+        file[dataset][index] = file["keys"][0] if value == "first key" else value
+    with pytest.raises(StoreError, match=message):
+        verify(path, tiny["shards"])
+
+
+# ------------------------------------------------------------------------------------------------- scale
+
+
+def _two_rank_worker(rank: int, init_file: str, shards: str, store: str, checkpoints: list[str]) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        teacher_pass(shards, store, load_ensemble(checkpoints), AUGMENT, seed=0, num_views=VIEWS, batch_size=4,
+                     progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_cpu_processes_over_gloo_write_the_same_store_as_one(tiny, tmp_path):
+    store = tmp_path / "two_ranks.h5"
+    args = (str(tmp_path / "gloo_init"), str(tiny["shards"]), str(store), [str(p) for p in tiny["checkpoints"]])
+    torch.multiprocessing.spawn(_two_rank_worker, args=args, nprocs=2, join=True)
+    verify(store, tiny["shards"])
+    assert_same_store(store, tiny["store"])
+    assert not store.with_name(store.name + ".parts").exists()
+
+
+KILLABLE_PASS = """
+import sys, time, torch
+from ced_train.augment import AugmentConfig
+from ced_train.stages.teach import teacher_pass
+from ced_train.teachers import load_ensemble
+
+torch.set_num_threads(1)
+shards, store, *checkpoints = sys.argv[1:]
+ensemble = load_ensemble(checkpoints)
+forward = ensemble.forward
+
+def slow_forward(mel_db):
+    time.sleep(0.25)
+    return forward(mel_db)
+
+ensemble.forward = slow_forward
+teacher_pass(shards, store, ensemble, AugmentConfig(mixup_prob=0.75, mixup_block_clips=2), seed=0, num_views={views},
+             batch_size=2, progress=False)
+"""
+
+
+def test_a_killed_pass_resumes_redoing_only_unfinished_shards(tiny, tmp_path):
+    store = tmp_path / "resumed.h5"
+    parts = tmp_path / "resumed.h5.parts"
+    script = tmp_path / "killable.py"
+    script.write_text(textwrap.dedent(KILLABLE_PASS).replace("{views}", str(VIEWS)))
+    command = [sys.executable, str(script), str(tiny["shards"]), str(store), *map(str, tiny["checkpoints"])]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(parts.glob("*.h5")):
+            assert process.poll() is None, process.communicate()[0].decode()
+            assert time.monotonic() < deadline, "no part written within 120 s"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = {path.name: path.stat().st_mtime_ns for path in parts.glob("*.h5")}
+    assert 1 <= len(finished) < 3 and not store.exists()
+
+    summary = teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
+                           num_views=VIEWS, batch_size=4, progress=False)
+    assert summary["parts_reused_by_this_rank"] == len(finished)
+    verify(store, tiny["shards"])
+    assert_same_store(store, tiny["store"])
+    assert not parts.exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------------- stage
+
+
+def test_stage_teach_runs_from_the_composed_hydra_config(tiny, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ced_train.stages import teach
+
+    checkpoints = ",".join(str(path) for path in tiny["checkpoints"])
+    overrides = [
+        f"paths.root_dir={tmp_path}",
+        f"data.train_shards={tiny['shards']}",
+        f"teachers.checkpoints=[{checkpoints}]",
+        "teachers.name=pair",
+        "teach.views=2",
+        "teach.num_workers=0",
+        "teach.progress=false",
+        "augment.mixup_block_clips=4",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    results = teach.run(cfg)
+    assert results["store"] == str(tmp_path / "data" / "store" / "pair" / "synthetic.h5")
+    summary = verify(results["store"], tiny["shards"], augment=AugmentConfig(mixup_block_clips=4))
+    assert (summary["views"], summary["clips"]) == (2, CLIPS)
