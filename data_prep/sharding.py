@@ -1,0 +1,371 @@
+"""Inputs → shard directory: plan a seeded order, decode in parallel, write shards, then skip report and manifest.
+
+Shared by `data_prep.audioset` and `data_prep.folder`, which only turn their inputs into `SourceRow`s (clips to
+decode) and `Skip`s (rows already known to be unusable), in input order.
+
+Resuming: the plan (which row goes to which shard, in which order) depends only on the inputs and settings, and has an
+id. Each finished shard gets a record under `.progress/` and is then renamed into place; a re-run with the same plan id
+keeps shards that have a record and a file of the recorded size, and redoes the rest. The manifest is written last,
+then `.progress/` is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.pool
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ced_train import __version__
+from ced_train.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from ced_train.data.manifest import (
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    Skip,
+    compute_fingerprint,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+    write_skipped,
+)
+from ced_train.data.shards import SHARD_FORMAT_VERSION, ShardWriter, encode_flac, sample_digest
+from ced_train.labels import ClassLabels
+
+DEFAULT_SAMPLES_PER_SHARD = 1000
+PROGRESS_DIR = ".progress"
+PLAN_NAME = "plan.json"
+SHARD_GLOB = "shard-*.tar"
+# Skip reasons, as they appear in skipped.tsv and the printed accounting.
+MISSING, UNREADABLE, EMPTY, UNKNOWN_LABEL, DUPLICATE, MALFORMED = (
+    "missing", "unreadable", "empty", "unknown label", "duplicate", "malformed row")
+
+
+class ShardingError(Exception):
+    """The output directory cannot be written as asked (holds other data, or a partial run of other inputs)."""
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One clip to decode. `source_row` says where it came from (`segments.csv:17`, `dogs/bark.wav`); `source_file` is
+    the audio path as recorded in the shard (relative to the audio directory); `extra` goes into the JSON record."""
+
+    source_row: str
+    key: str
+    path: Path
+    source_file: str
+    labels: tuple[int, ...] = ()
+    mids: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _EncodedClip:
+    key: str
+    flac: bytes
+    record: dict
+    pcm_sha256: str
+
+
+@dataclass
+class ShardingReport:
+    out_dir: Path
+    num_rows: int
+    num_written: int
+    skipped_by_reason: dict[str, int]
+    total_hours: float
+    num_shards: int
+    total_bytes: int
+    fingerprint: str
+    clips_decoded: int = 0
+    elapsed_s: float = 0.0
+    workers: int = 1
+    shards_reused: int = 0
+    up_to_date: bool = False
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def plan_shards(rows: Sequence[SourceRow], samples_per_shard: int, seed: int) -> list[list[SourceRow]]:
+    """Seeded shuffle of the rows (sorted by key first, so input order does not matter), cut into shards."""
+    ordered = sorted(rows, key=lambda row: row.key)
+    random.Random(seed).shuffle(ordered)
+    return [ordered[i : i + samples_per_shard] for i in range(0, len(ordered), samples_per_shard)]
+
+
+def _plan_id(plan: list[list[SourceRow]], skips: list[Skip], classes: ClassLabels, settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(("\t".join(classes.mids) + "\n").encode())
+    for index, rows in enumerate(plan):
+        digest.update(f"{shard_name(index)}\n".encode())
+        for row in rows:
+            size = row.path.stat().st_size if row.path.is_file() else -1
+            entry = [row.key, row.source_file, size, row.labels, row.mids, row.extra]
+            digest.update((json.dumps(entry, sort_keys=True) + "\n").encode())
+    for skip in skips:
+        digest.update(f"skip\t{skip.source_row}\t{skip.key}\t{skip.reason}\n".encode())
+    return digest.hexdigest()
+
+
+def encode_row(row: SourceRow) -> _EncodedClip | Skip:
+    """Decode one input file and encode it in the shard format, or say why it cannot be written (runs in workers)."""
+    if not row.path.is_file():
+        return Skip(row.source_row, row.key, MISSING, f"{row.path} disappeared after the inputs were listed")
+    try:
+        decoded = load_audio(row.path)
+    except AudioDecodeError as error:
+        return Skip(row.source_row, row.key, UNREADABLE, f"{row.source_file}: {error.reason}")
+    num_samples = len(decoded.waveform)
+    if num_samples == 0:
+        return Skip(row.source_row, row.key, EMPTY, f"{row.source_file}: decodes to 0 samples")
+    flac, pcm_sha256 = encode_flac(decoded.waveform)
+    record = {
+        "key": row.key, "labels": list(row.labels), "mids": list(row.mids),
+        "duration_s": num_samples / SAMPLE_RATE, "num_samples": num_samples, "sample_rate": SAMPLE_RATE,
+        "source_rate": decoded.source_rate, "source_channels": decoded.source_channels,
+        "source_file": row.source_file, **row.extra,
+    }
+    return _EncodedClip(row.key, flac, record, pcm_sha256)
+
+
+def process_pool(workers: int) -> multiprocessing.pool.Pool:
+    """Worker processes for decoding. Fork on Linux: spawned workers would re-import the caller's main module, which
+    is all of torch and Lightning when data_prep runs inside `python -m ced_train` (seconds and ~400 MB per worker).
+    The workers only use numpy, soundfile and soxr, so the caller's threads do not matter to them (as for torch's
+    DataLoader workers). Elsewhere fork is unsafe (macOS system libraries), so spawn."""
+    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+
+
+def _encoded_rows(rows: list[SourceRow], workers: int) -> Iterator[_EncodedClip | Skip]:
+    if workers <= 1:
+        yield from map(encode_row, rows)
+        return
+    with process_pool(workers) as pool:
+        yield from pool.imap(encode_row, rows, chunksize=2)
+
+
+def _write_shard(out_dir: Path, name: str, results: Iterator[_EncodedClip | Skip], count: int, bar: tqdm) -> dict:
+    """Write the next `count` results as shard `name` and return its progress record (info + its skips).
+
+    The record is saved before the shard is renamed into place, so a visible shard always has one and a re-run keeps
+    it; a record without its shard (killed between the two steps) just means the shard is redone.
+    """
+    keys, skips, class_counts = [], [], Counter()
+    content, duration_s = hashlib.sha256(), 0.0
+    with ShardWriter(out_dir / name) as writer:
+        for _ in range(count):
+            result = next(results)
+            bar.update(1)
+            if isinstance(result, Skip):
+                skips.append(result)
+                continue
+            writer.add(result.key, result.flac, result.record)
+            keys.append(result.key)
+            class_counts.update(result.record["labels"])
+            duration_s += result.record["duration_s"]
+            content.update(sample_digest(result.key, result.record["labels"], result.pcm_sha256))
+        size, sha256 = writer.finish()
+        record = {
+            "name": name, "num_samples": len(keys), "bytes": size, "sha256": sha256,
+            "content_sha256": content.hexdigest(), "duration_s": duration_s, "keys": keys,
+            "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
+            "skips": [[s.source_row, s.key, s.reason, s.detail] for s in skips],
+        }
+        write_json_atomic(out_dir / PROGRESS_DIR / f"{name}.json", record)
+        writer.publish()
+    return record
+
+
+def _prepare_out_dir(out_dir: Path, plan_id: str, overwrite: bool) -> bool:
+    """Make `out_dir` ready for this plan; True when it already holds the finished result of this exact plan."""
+    progress = out_dir / PROGRESS_DIR
+    if overwrite and out_dir.exists():
+        for path in [*out_dir.glob(SHARD_GLOB), *out_dir.glob(".*.partial-*"),
+                     out_dir / MANIFEST_NAME, out_dir / SKIPPED_NAME]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(progress, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST_NAME).is_file():
+        try:
+            existing = read_manifest(out_dir)
+        except (OSError, ValueError) as error:
+            raise ShardingError(f"{error}; pass --overwrite to rebuild {out_dir}") from None
+        if existing.plan_id != plan_id:
+            raise ShardingError(
+                f"{out_dir} already holds shards made from other inputs or settings (plan {existing.plan_id[:12]}, "
+                f"this run {plan_id[:12]}); pass --overwrite to replace them, or choose another --out"
+            )
+        shutil.rmtree(progress, ignore_errors=True)
+        return True
+    plan_file = progress / PLAN_NAME
+    if plan_file.is_file():
+        previous = json.loads(plan_file.read_text())["plan_id"]
+        if previous != plan_id:
+            raise ShardingError(
+                f"{out_dir} holds a partial run of other inputs or settings (plan {previous[:12]}, this run "
+                f"{plan_id[:12]}); pass --overwrite to discard it, or choose another --out"
+            )
+    elif any(out_dir.glob(SHARD_GLOB)):
+        raise ShardingError(f"{out_dir} holds shard files but no {MANIFEST_NAME} or {PROGRESS_DIR}/{PLAN_NAME} that "
+                            f"says what made them; pass --overwrite to replace them, or choose another --out")
+    progress.mkdir(exist_ok=True)
+    write_json_atomic(plan_file, {"plan_id": plan_id})
+    for stale in out_dir.glob(".*.partial-*"):  # temporary files of a killed run
+        stale.unlink()
+    return False
+
+
+def _finished_record(out_dir: Path, name: str) -> dict | None:
+    record_path = out_dir / PROGRESS_DIR / f"{name}.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    shard = out_dir / name
+    return record if shard.is_file() and shard.stat().st_size == record["bytes"] else None
+
+
+def build_shards(
+    inputs: Sequence[SourceRow | Skip],
+    out_dir: str | Path,
+    classes: ClassLabels,
+    *,
+    tool: str,
+    labelled: bool,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    workers: int = 1,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ShardingReport:
+    """Write `inputs` (one entry per input row, in input order) as a shard directory; see the module docstring."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out_dir = Path(out_dir)
+    rows = [item for item in inputs if isinstance(item, SourceRow)]
+    known_skips = [item for item in inputs if isinstance(item, Skip)]
+    duplicates = [key for key, n in Counter(row.key for row in rows).items() if n > 1]
+    if duplicates:
+        raise ValueError(f"sample keys must be unique; repeated: {duplicates[:5]}")
+    plan = plan_shards(rows, samples_per_shard, seed)
+    settings = {"tool": tool, "format": SHARD_FORMAT_VERSION, "seed": seed, "samples_per_shard": samples_per_shard,
+                "labelled": labelled}
+    plan_id = _plan_id(plan, known_skips, classes, settings)
+    if _prepare_out_dir(out_dir, plan_id, overwrite):
+        return _report_from_manifest(out_dir, workers)
+
+    names = [shard_name(i) for i in range(len(plan))]
+    records = {name: _finished_record(out_dir, name) for name in names}
+    pending = [(name, shard_rows) for name, shard_rows in zip(names, plan) if records[name] is None]
+    todo = [row for _, shard_rows in pending for row in shard_rows]
+    start = time.perf_counter()
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), unit="clip", desc=f"sharding {out_dir.name}",
+              file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        with closing(_encoded_rows(todo, workers)) as results:
+            for name, shard_rows in pending:
+                records[name] = _write_shard(out_dir, name, results, len(shard_rows), bar)
+    elapsed_s = time.perf_counter() - start
+
+    order = {item.source_row: i for i, item in enumerate(inputs)}
+    skips = known_skips + [Skip(*fields) for name in names for fields in records[name]["skips"]]
+    skips.sort(key=lambda skip: order[skip.source_row])
+    class_counts = [0] * len(classes)
+    for name in names:
+        for index, count in records[name]["class_counts"].items():
+            class_counts[int(index)] += count
+    shard_infos = [{k: records[n][k] for k in ("name", "num_samples", "bytes", "sha256", "content_sha256",
+                                               "duration_s", "keys")} for n in names]
+    write_skipped(out_dir, skips)
+    write_manifest(out_dir, {
+        "tool": tool, "tool_version": __version__, "seed": seed, "samples_per_shard": samples_per_shard,
+        "sample_rate": SAMPLE_RATE, "labelled": labelled, "num_classes": len(classes),
+        "class_labels": {"mids": list(classes.mids), "names": list(classes.names)},
+        "num_rows": len(inputs), "num_written": sum(info["num_samples"] for info in shard_infos),
+        "skipped_by_reason": dict(Counter(skip.reason for skip in skips).most_common()),
+        "total_hours": sum(info["duration_s"] for info in shard_infos) / 3600, "class_counts": class_counts,
+        "plan_id": plan_id,
+        "fingerprint": compute_fingerprint(classes.mids, [(i["name"], i["content_sha256"]) for i in shard_infos]),
+        "shards": shard_infos,
+    })
+    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
+    report = _report_from_manifest(out_dir, workers)
+    report.clips_decoded, report.elapsed_s, report.shards_reused = len(todo), elapsed_s, len(names) - len(pending)
+    report.up_to_date = False
+    return report
+
+
+def _report_from_manifest(out_dir: Path, workers: int) -> ShardingReport:
+    manifest = read_manifest(out_dir)
+    report = ShardingReport(
+        out_dir=out_dir, num_rows=manifest.num_rows, num_written=manifest.num_samples,
+        skipped_by_reason=manifest.skipped_by_reason, total_hours=manifest.total_hours,
+        num_shards=len(manifest.shards), total_bytes=sum(s.bytes for s in manifest.shards),
+        fingerprint=manifest.fingerprint, workers=workers, shards_reused=len(manifest.shards), up_to_date=True,
+    )
+    num_skipped = sum(report.skipped_by_reason.values())
+    if report.num_written + num_skipped != report.num_rows:  # the accounting promise; a violation is a bug here
+        raise AssertionError(f"{out_dir}: {report.num_written} written + {num_skipped} skipped != {report.num_rows}")
+    return report
+
+
+def format_report(report: ShardingReport) -> str:
+    skipped = sum(report.skipped_by_reason.values())
+    reasons = ", ".join(f"{reason} {n}" for reason, n in report.skipped_by_reason.items())
+    lines = [
+        f"rows {report.num_rows}: written {report.num_written}, skipped {skipped}"
+        + (f" ({reasons})" if reasons else ""),
+        f"audio {report.total_hours:.3f} h in {report.num_shards} shards, {report.total_bytes / 1e6:.1f} MB, "
+        f"fingerprint {report.fingerprint[:16]}",
+    ]
+    if report.up_to_date:
+        lines.append("nothing to do: the output already holds these inputs with these settings")
+    else:
+        rate = report.clips_decoded / report.elapsed_s if report.elapsed_s > 0 else 0.0
+        resumed = f", {report.shards_reused} shards kept from an earlier run" if report.shards_reused else ""
+        lines.append(f"throughput {rate:.1f} clips/s ({report.clips_decoded} clips in {report.elapsed_s:.1f} s, "
+                     f"{report.workers} workers){resumed}")
+    lines.append(f"outputs: {report.out_dir}/ ({MANIFEST_NAME}, {SKIPPED_NAME}, {SHARD_GLOB})")
+    return "\n".join(lines)
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="output directory for shards, manifest, skip report")
+    parser.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
+                        help=f"clips per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
+    parser.add_argument("--workers", type=int, default=available_cpus(),
+                        help="decoding processes (default: the CPUs available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output directory that holds other shards or a partial run of other inputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_cli(inputs: Sequence[SourceRow | Skip], classes: ClassLabels, args: argparse.Namespace, *, tool: str,
+            labelled: bool) -> int:
+    """Shared tail of the data_prep CLIs: build, print the accounting, map refusals to exit code 2."""
+    try:
+        report = build_shards(inputs, args.out, classes, tool=tool, labelled=labelled,
+                              samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+    except ShardingError as error:
+        print(f"{tool}: error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0

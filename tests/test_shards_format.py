@@ -1,0 +1,217 @@
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile
+import webdataset as wds
+
+from ced_train.audio import SAMPLE_RATE
+from ced_train.data import (
+    Manifest,
+    ShardFormatError,
+    ShardReader,
+    ShardWriter,
+    Skip,
+    check_key,
+    compute_fingerprint,
+    decode_flac,
+    encode_flac,
+    iter_shard,
+    read_manifest,
+    read_shard,
+    read_skipped,
+    write_manifest,
+    write_skipped,
+)
+
+
+def waveform(seconds: float, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).uniform(-0.5, 0.5, int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+
+def write_test_shard(path, clips):
+    with ShardWriter(path) as writer:
+        for key, wave, labels in clips:
+            flac, _ = encode_flac(wave)
+            writer.add(key, flac, {"key": key, "labels": labels, "duration_s": len(wave) / SAMPLE_RATE})
+
+
+CLIPS = [("b-clip_1", waveform(1.0, 1), [3]), ("a_clip_2", waveform(0.25, 2), []), ("c_3", waveform(2.0, 3), [0, 5])]
+
+
+def test_shard_round_trip_keeps_order_labels_and_16bit_audio(tmp_path):
+    write_test_shard(tmp_path / "shard-000000.tar", CLIPS)
+
+    clips = list(iter_shard(tmp_path / "shard-000000.tar"))
+
+    assert [c.key for c in clips] == [key for key, _, _ in CLIPS]  # stored order, not sorted
+    for clip, (key, wave, labels) in zip(clips, CLIPS):
+        assert clip.labels == labels and clip.shard == "shard-000000.tar" and clip.meta["key"] == key
+        assert clip.waveform.dtype == np.float32 and clip.waveform.shape == wave.shape
+        np.testing.assert_allclose(clip.waveform, wave, atol=1 / 32767)
+
+
+def test_read_shard_and_shard_reader_give_the_same_clips_by_key(tmp_path):
+    write_test_shard(tmp_path / "s.tar", CLIPS)
+
+    everything = read_shard(tmp_path / "s.tar")
+    lazy = ShardReader(tmp_path / "s.tar")
+
+    assert list(everything) == list(lazy) == [key for key, _, _ in CLIPS]
+    np.testing.assert_array_equal(lazy["c_3"].waveform, everything["c_3"].waveform)
+    assert lazy["c_3"].labels == [0, 5] and len(lazy) == 3
+    with pytest.raises(KeyError):
+        lazy["absent"]
+
+
+def test_clip_fields_read_by_attribute_or_by_name(tmp_path):
+    write_test_shard(tmp_path / "s.tar", CLIPS[:1])
+    clip = next(iter_shard(tmp_path / "s.tar"))
+    assert clip["key"] == clip.key and clip["labels"] == clip.labels
+    with pytest.raises(KeyError):
+        clip["nope"]
+
+
+def test_webdataset_groups_our_members_into_the_same_samples(tmp_path):
+    write_test_shard(tmp_path / "s.tar", CLIPS)
+
+    samples = list(wds.tarfile_samples([{"url": str(tmp_path / "s.tar")}]))
+
+    assert [s["__key__"] for s in samples] == [key for key, _, _ in CLIPS]
+    assert all(set(s) >= {"flac", "json"} for s in samples)
+
+
+def test_dotted_audioset_name_would_break_webdataset_keys_so_writer_refuses_it(tmp_path):
+    with tarfile.open(tmp_path / "naive.tar", "w") as tar:
+        for name in ("YTID_30.000.flac", "YTID_30.000.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    [sample] = wds.tarfile_samples([{"url": str(tmp_path / "naive.tar")}])
+    assert sample["__key__"] == "YTID_30" and "000.flac" in sample  # the problem the key rule avoids
+
+    with pytest.raises(ValueError, match="letters, digits"):
+        check_key("YTID_30.000")
+    with ShardWriter(tmp_path / "s.tar") as writer, pytest.raises(ValueError):
+        writer.add("YTID_30.000", b"", {"key": "YTID_30.000"})
+
+
+def test_writer_rejects_duplicate_keys_and_leaves_nothing_visible_on_error(tmp_path):
+    flac, _ = encode_flac(waveform(0.1, 0))
+    with pytest.raises(ValueError, match="duplicate"):
+        with ShardWriter(tmp_path / "s.tar") as writer:
+            writer.add("k", flac, {"key": "k"})
+            writer.add("k", flac, {"key": "k"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shard_is_invisible_until_closed(tmp_path):
+    writer = ShardWriter(tmp_path / "s.tar")
+    writer.add("k", encode_flac(waveform(0.1, 0))[0], {"key": "k"})
+    assert not (tmp_path / "s.tar").exists()
+    writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.tar"]
+
+
+def test_finish_reports_size_and_hash_before_publish_makes_the_shard_visible(tmp_path):
+    writer = ShardWriter(tmp_path / "s.tar")
+    writer.add("k", encode_flac(waveform(0.1, 0))[0], {"key": "k"})
+    size, sha256 = writer.finish()
+    assert not (tmp_path / "s.tar").exists()
+    writer.publish()
+    data = (tmp_path / "s.tar").read_bytes()
+    assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_equal_content_gives_byte_identical_shards(tmp_path):
+    write_test_shard(tmp_path / "one.tar", CLIPS)
+    write_test_shard(tmp_path / "two.tar", CLIPS)
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+
+
+def test_encode_flac_clips_out_of_range_samples_and_hashes_what_is_stored():
+    loud = np.array([2.0, -2.0, 0.5], dtype=np.float32)
+    flac, digest = encode_flac(loud)
+    np.testing.assert_allclose(decode_flac(flac), [32767 / 32768, -1.0, 0.5], atol=1e-4)
+    assert digest == encode_flac(np.array([1.0, -1.5, 0.5], dtype=np.float32))[1]  # same int16 after clipping
+    assert digest != encode_flac(np.array([1.0, -1.0, 0.25], dtype=np.float32))[1]
+
+
+def test_decode_rejects_audio_that_is_not_16k_mono():
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros((100, 2)), 44100, format="FLAC")
+    with pytest.raises(ShardFormatError, match="16000 Hz mono"):
+        decode_flac(buffer.getvalue(), "s.tar: sample 'k'")
+
+
+def test_sample_without_its_json_is_a_format_error_naming_shard_and_key(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        data = encode_flac(waveform(0.1, 0))[0]
+        info = tarfile.TarInfo("lonely.flac")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardFormatError, match=r"bad.tar: sample 'lonely'.*json"):
+        list(iter_shard(tmp_path / "bad.tar"))
+
+
+def manifest_payload(tmp_path, shard_bytes: int) -> dict:
+    return {
+        "tool": "test", "tool_version": "0", "seed": 0, "labelled": True, "num_classes": 2,
+        "class_labels": {"mids": ["/m/a", "/m/b"], "names": ["A", "B"]}, "num_rows": 3,
+        "skipped_by_reason": {"missing": 1}, "total_hours": 0.001, "class_counts": [1, 1], "plan_id": "p",
+        "fingerprint": "f", "shards": [{"name": "s.tar", "num_samples": 2, "bytes": shard_bytes, "sha256": "x",
+                                        "content_sha256": "y", "duration_s": 3.0, "keys": ["k1", "k2"]}],
+    }
+
+
+def test_manifest_round_trip(tmp_path):
+    (tmp_path / "s.tar").write_bytes(b"0" * 10)
+    write_manifest(tmp_path, manifest_payload(tmp_path, 10))
+
+    manifest = read_manifest(tmp_path)
+
+    assert isinstance(manifest, Manifest) and manifest.root == tmp_path and manifest.num_classes == 2
+    assert manifest.shards[0].path == tmp_path / "s.tar" and manifest.shards[0].keys == ("k1", "k2")
+    assert manifest.num_samples == 2 and manifest.shard_of_key() == {"k1": "s.tar", "k2": "s.tar"}
+
+
+def test_read_manifest_errors_name_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="invalid shard manifest"):
+        read_manifest(tmp_path)
+    write_manifest(tmp_path, manifest_payload(tmp_path, 10))
+    with pytest.raises(FileNotFoundError, match="s.tar is listed"):
+        read_manifest(tmp_path)
+    (tmp_path / "s.tar").write_bytes(b"0" * 9)
+    with pytest.raises(ValueError, match="9 bytes"):
+        read_manifest(tmp_path)
+    assert read_manifest(tmp_path, check_files=False).shards[0].bytes == 10
+
+
+def test_manifest_with_another_format_version_is_refused(tmp_path):
+    write_manifest(tmp_path, manifest_payload(tmp_path, 10))
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 1, found 99"):
+        read_manifest(tmp_path, check_files=False)
+
+
+def test_skipped_report_round_trip_keeps_one_line_per_row(tmp_path):
+    skips = [Skip("a.csv:4", "k1", "missing", "no file"), Skip("a.csv:9", "k2", "unreadable", "bad\theader\nhere")]
+    write_skipped(tmp_path, skips)
+    lines = (tmp_path / "skipped.tsv").read_text().splitlines()
+    assert len(lines) == 1 + len(skips)
+    assert read_skipped(tmp_path) == [skips[0], Skip("a.csv:9", "k2", "unreadable", "bad header here")]
+
+
+def test_fingerprint_depends_on_classes_names_and_content():
+    base = compute_fingerprint(["/m/a"], [("s0.tar", "c0"), ("s1.tar", "c1")])
+    assert base == compute_fingerprint(["/m/a"], [("s0.tar", "c0"), ("s1.tar", "c1")])
+    assert base != compute_fingerprint(["/m/b"], [("s0.tar", "c0"), ("s1.tar", "c1")])
+    assert base != compute_fingerprint(["/m/a"], [("s0.tar", "c0"), ("s1.tar", "cX")])
+    assert base != compute_fingerprint(["/m/a"], [("s1.tar", "c1"), ("s0.tar", "c0")])
