@@ -1,0 +1,165 @@
+"""`python -m ced_train +recipe=NAME [overrides]`: the Hydra app that runs a recipe's stages in order.
+
+The config lives in `configs/` (recipes in `recipes/`, reachable as the config group `recipe`) at the top of the
+repository. Before any stage starts, every file a stage reads must exist or be made by an earlier stage of the same
+run, so a run with a missing path fails at once, naming the option that sets it. Each run writes `results.json`
+into its run directory and prints `results: <path>` as its last line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ced_train.data.manifest import write_json_atomic
+from ced_train.stages import distill, evaluate, is_global_zero, prepare, teach, train
+from ced_train.stages.evaluate import systems_of
+
+log = logging.getLogger("ced_train")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RECIPE_DIR = CONFIG_DIR / "recipe"
+
+STAGES: dict[str, Callable[[DictConfig], dict]] = {
+    "prepare": prepare.run,
+    "train": train.run,
+    "teach": teach.run,
+    "distill": distill.run,
+    "evaluate": evaluate.run,
+}
+
+
+class MissingInputError(FileNotFoundError):
+    """A file or directory a stage reads neither exists nor is made by an earlier stage of the run."""
+
+
+def stage_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Callable[[], object]]]:
+    """`(config key, getter)` of every file or directory `stage` reads; getters resolve lazily (they may raise)."""
+    if stage == "prepare":
+        if cfg.prepare.synthetic is not None:
+            return []  # the stage writes its own sources first
+        inputs = [(f"prepare.splits.{split}.audio_dir", lambda s=split: cfg.prepare.splits[s].audio_dir)
+                  for split in cfg.prepare.splits]
+        inputs += [(f"prepare.splits.{split}.segments[{i}]", lambda s=split, i=i: cfg.prepare.splits[s].segments[i])
+                   for split in cfg.prepare.splits for i in range(len(cfg.prepare.splits[split].segments))]
+        return inputs
+    if stage == "train":
+        return [("data.train_shards", lambda: cfg.data.train_shards), ("data.val_shards", lambda: cfg.data.val_shards)]
+    if stage == "teach":
+        return [("data.train_shards", lambda: cfg.data.train_shards)] + [
+            (f"teachers.checkpoints[{i}]", lambda i=i: cfg.teachers.checkpoints[i])
+            for i in range(len(cfg.teachers.checkpoints))
+        ]
+    if stage == "distill":
+        return [("data.train_shards", lambda: cfg.data.train_shards), ("data.val_shards", lambda: cfg.data.val_shards),
+                ("store.path", lambda: cfg.store.path)]
+    if stage == "evaluate":
+        systems = systems_of(cfg)
+        return [("evaluate.shards", lambda: cfg.evaluate.shards)] + [
+            (f"evaluate.systems.{name}[{i}]", lambda p=path: p)
+            for name, paths in systems.items() for i, path in enumerate(paths)
+        ]
+    return []
+
+
+def stage_outputs(cfg: DictConfig, stage: str) -> list[str]:
+    """Files and directories `stage` writes (everything below a directory counts as written)."""
+    outputs = {
+        "prepare": lambda: [split.out for split in cfg.prepare.splits.values()] + (
+            [cfg.prepare.synthetic.out] if cfg.prepare.synthetic is not None else []),
+        "train": lambda: [cfg.train.out_dir],
+        "teach": lambda: [cfg.store.path],
+        "distill": lambda: [cfg.distill.out_dir],
+    }
+    return [str(path) for path in outputs.get(stage, list)()]
+
+
+def _unset_path_hints(cfg: DictConfig) -> list[str]:
+    """For every `paths.*` that is null: the environment variable that sets it (read from its interpolation)."""
+    raw = OmegaConf.to_container(cfg.paths, resolve=False)
+    hints = []
+    for key, value in raw.items():
+        if OmegaConf.select(cfg, f"paths.{key}") is None:
+            match = re.search(r"oc\.env:(\w+)", str(value))
+            how = f"set the environment variable {match.group(1)}, or " if match else "set "
+            hints.append(f"paths.{key} is not set: {how}paths.{key}=... on the command line or in "
+                         f"configs/local/default.yaml (`# @package _global_`, then `paths: {{{key}: ...}}`)")
+    return hints
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Raise MissingInputError listing every input of the run's stages that neither exists nor is made earlier."""
+    made: list[str] = []
+    problems: list[str] = []
+    for stage in cfg.stages:
+        try:
+            inputs = stage_inputs(cfg, stage)
+        except (OmegaConfBaseException, ValueError) as error:
+            problems.append(f"stage {stage}: {error}")
+            inputs = []
+        for key, get in inputs:
+            try:
+                path = str(get())
+            except OmegaConfBaseException as error:
+                problems.append(f"stage {stage} reads {key}, which is not set ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0]})")
+                continue
+            if Path(path).exists() or any(path == out or path.startswith(out.rstrip("/") + "/") for out in made):
+                continue
+            problems.append(f"stage {stage} reads {key} = {path}, which does not exist and no earlier stage of "
+                            f"this run makes it")
+        made += stage_outputs(cfg, stage)
+    if problems:
+        hints = [hint for hint in _unset_path_hints(cfg) if any("None" in p for p in problems)]
+        raise MissingInputError("missing inputs:\n - " + "\n - ".join(problems + hints))
+
+
+def usage() -> str:
+    recipes = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+    return (
+        "No stages to run. Pick a recipe: python -m ced_train +recipe=NAME, e.g. +recipe=tiny_distill (the demo);\n"
+        f"recipes: {', '.join(recipes)}. Or name stages yourself: stages=[evaluate] evaluate.checkpoint=PATH."
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    if not cfg.stages:
+        print(usage(), file=sys.stderr)
+        sys.exit(2)
+    unknown = [stage for stage in cfg.stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"stages {unknown} unknown; known stages: {', '.join(STAGES)}")
+    check_inputs(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    results, seconds = {}, {}
+    start = time.perf_counter()
+    for stage in cfg.stages:
+        log.info("stage %s", stage)
+        stage_start = time.perf_counter()
+        results[stage] = STAGES[stage](cfg)
+        seconds[stage] = round(time.perf_counter() - stage_start, 1)
+        log.info("stage %s done in %.1f s", stage, seconds[stage])
+    if not is_global_zero():
+        return
+    path = run_dir / "results.json"
+    write_json_atomic(path, {
+        "name": cfg.name,
+        "stages": list(cfg.stages),
+        "run_dir": str(run_dir),
+        "seconds": {"total": round(time.perf_counter() - start, 1), **seconds},
+        "results": results,
+    })
+    print(f"results: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Callbacks of the training stages."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "model."
+
+
+def average_checkpoints(paths: list[str | Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the `model.*` weights of Lightning checkpoints → state dict with official names.
+
+    Floating tensors are averaged (in float64, then cast back); integer buffers (BatchNorm's batch counters) are
+    taken from the first checkpoint. Holds one checkpoint and the running sum in memory at a time.
+    """
+    if not paths:
+        raise ValueError("average_checkpoints needs at least one checkpoint")
+    totals: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        weights = {key[len(_PREFIX) :]: value for key, value in state.items() if key.startswith(_PREFIX)}
+        if not first:
+            first = weights
+        elif weights.keys() != first.keys():
+            raise ValueError(f"{path}: its tensors differ from those of {paths[0]}; cannot average")
+        for key, value in weights.items():
+            if value.is_floating_point():
+                totals[key] = totals.get(key, 0) + value.double()
+    return {
+        key: (totals[key] / len(paths)).to(value.dtype) if key in totals else value for key, value in first.items()
+    }
+
+
+class AverageBestCheckpoints(Callback):
+    """The paper's finish: at the end of fit, load into `pl_module.model` the average of the weights of the best
+    `num_best` checkpoints kept by the run's `ModelCheckpoint` (by its monitor, e.g. val/mAP).
+
+    `sources` then lists the averaged `(path, score)` pairs, best first. Set the ModelCheckpoint's `save_top_k` to
+    at least `num_best`. Without any scored checkpoint (no validation ran) the weights are left as they are.
+    """
+
+    def __init__(self, num_best: int = 4) -> None:
+        if num_best < 1:
+            raise ValueError(f"num_best must be at least 1, got {num_best}")
+        self.num_best = num_best
+        self.sources: list[tuple[str, float]] = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_k_models:
+            log.warning("no scored checkpoint to average: keeping the final weights")
+            return
+        reverse = checkpoint.mode == "max"
+        ranked = sorted(checkpoint.best_k_models.items(), key=lambda item: float(item[1]), reverse=reverse)
+        self.sources = [(str(path), float(score)) for path, score in ranked[: self.num_best]]
+        trainer.strategy.barrier("average_best_checkpoints")
+        weights = average_checkpoints([path for path, _ in self.sources])
+        pl_module.model.load_state_dict(weights)
+        log.info(
+            "averaged the best %d checkpoints by %s: %s",
+            len(self.sources),
+            checkpoint.monitor,
+            ", ".join(f"{Path(path).name} ({score:.4f})" for path, score in self.sources),
+        )

@@ -1,0 +1,64 @@
+"""The stages of `python -m ced_train`: each module `ced_train/stages/<name>.py` has `run(cfg) -> dict` and talks to
+the others only through files. This package holds what the stages' tops share: fingerprints, the rank check, and
+the instantiation of a Trainer with its callbacks and loggers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+# Trainer arguments that change how a run is shown, not what it computes: left out of fingerprints.
+_DISPLAY_ONLY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+def fingerprint(payload: dict) -> str:
+    """16 hex digits of sha256 over canonical JSON of `payload` (config nodes are resolved first)."""
+    def plain(value):
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+            return OmegaConf.to_container(value, resolve=True)
+        return value
+
+    text = json.dumps({key: plain(value) for key, value in payload.items()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def training_identity(cfg: DictConfig, stage: DictConfig) -> dict:
+    """What a training run's result depends on besides its data: the stage node (network, loss, optimiser,
+    schedule), batch size, trainer and callbacks; not where outputs go or whether to overwrite or resume."""
+    stage_node = {k: v for k, v in OmegaConf.to_container(stage, resolve=True).items()
+                  if k not in ("out_dir", "overwrite", "resume")}
+    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _DISPLAY_ONLY}
+    callbacks = {name: node for name, node in OmegaConf.to_container(cfg.callbacks, resolve=True).items()
+                 if name not in ("progress_bar", "lr_monitor")}
+    return {"stage": stage_node, "batch_size": cfg.data.batch_size, "trainer": trainer, "callbacks": callbacks}
+
+
+def is_global_zero() -> bool:
+    """True in the process of global rank 0 (Lightning's view of RANK / LOCAL_RANK / SLURM_PROCID)."""
+    return rank_zero_only.rank == 0
+
+
+def build_trainer(cfg: DictConfig, schedule: DictConfig, root_dir: Path, run_name: str) -> pl.Trainer:
+    """The Trainer of one training run: `cfg.trainer` plus the stage's `schedule` (max_epochs, validation cadence),
+    fresh callbacks (checkpoints under `root_dir/checkpoints`) and loggers named `run_name`."""
+    callbacks = []
+    for name, node in (cfg.callbacks or {}).items():
+        if name == "model_checkpoint":
+            callbacks.append(instantiate(node, dirpath=str(root_dir / "checkpoints")))
+        else:
+            callbacks.append(instantiate(node))
+    loggers = [instantiate(node, name=run_name) for node in (cfg.logger or {}).values()]
+    return instantiate(
+        cfg.trainer,
+        **OmegaConf.to_container(schedule, resolve=True),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(root_dir),
+    )

@@ -1,0 +1,94 @@
+"""Stage `evaluate`: mAP, mAUC and d-prime of systems (one checkpoint, or several averaged in probability space)
+on labelled shards, full-length clips chunked as the model does; per-class AP tables as CSV with display names.
+
+Runs in the process of global rank 0 only (other ranks of a multi-process run return at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ced_train.data import ClipStream, collate_clips, read_manifest
+from ced_train.lightning.module import clip_probabilities
+from ced_train.metrics import tagging_metrics, write_per_class_csv
+from ced_train.models import load_checkpoint
+from ced_train.stages import is_global_zero
+
+log = logging.getLogger(__name__)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def systems_of(cfg: DictConfig) -> dict[str, list[str]]:
+    """`evaluate.systems` (name → checkpoint or list of checkpoints) plus `evaluate.checkpoint` named after its file."""
+    systems = {name: [paths] if isinstance(paths, str) else list(paths)
+               for name, paths in OmegaConf.to_container(cfg.evaluate.systems, resolve=True).items()}
+    if cfg.evaluate.checkpoint:
+        systems[Path(cfg.evaluate.checkpoint).stem] = [str(cfg.evaluate.checkpoint)]
+    if not systems:
+        raise ValueError("nothing to evaluate: set evaluate.checkpoint=PATH or evaluate.systems.<name>=[PATHS]")
+    return systems
+
+
+def run(cfg: DictConfig) -> dict:
+    if not is_global_zero():
+        return {}
+    stage = cfg.evaluate
+    systems = systems_of(cfg)
+    manifest = read_manifest(stage.shards)
+    if not manifest.labelled:
+        raise ValueError(f"evaluate.shards={stage.shards} holds no labels")
+    device = torch.device("cuda" if stage.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if stage.device == "auto" else stage.device)
+    autocast_dtype = AUTOCAST_DTYPES[stage.precision] if device.type == "cuda" else None
+    checkpoints = sorted({path for paths in systems.values() for path in paths})
+    models = {path: load_checkpoint(path).to(device) for path in checkpoints}
+    for path, model in models.items():
+        if model.num_classes != manifest.num_classes:
+            raise ValueError(f"{path} has {model.num_classes} outputs, evaluate.shards={stage.shards} "
+                             f"{manifest.num_classes} classes")
+
+    loader = DataLoader(
+        ClipStream(manifest, shuffle_shards=False, shuffle_buffer=0),
+        batch_size=stage.batch_size,
+        collate_fn=partial(collate_clips, num_classes=manifest.num_classes),
+        num_workers=min(stage.num_workers, len(manifest.shards)),
+    )
+    probs: dict[str, list[np.ndarray]] = {path: [] for path in checkpoints}
+    labels: list[np.ndarray] = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for batch in tqdm(loader, total=-(-manifest.num_samples // stage.batch_size), desc="evaluate",
+                          unit="batch", dynamic_ncols=True):
+            waveform, lengths = batch.waveform.to(device), batch.lengths.to(device)
+            for path, model in models.items():
+                probs[path].append(clip_probabilities(model, waveform, lengths).cpu().numpy())
+            labels.append(batch.labels.numpy())
+    targets = np.concatenate(labels)
+    outputs = {path: np.concatenate(chunks) for path, chunks in probs.items()}
+
+    out_dir = Path(stage.out_dir)
+    results = {}
+    for name, paths in systems.items():
+        metrics = tagging_metrics(targets, np.mean([outputs[path] for path in paths], axis=0))
+        table = write_per_class_csv(out_dir / f"{name}_per_class.csv", metrics, manifest.class_names)
+        results[name] = {**metrics.summary(), "checkpoints": paths, "per_class_csv": str(table)}
+    print(format_table(results, stage.shards), flush=True)
+    return {"shards": str(stage.shards), "shards_fingerprint": manifest.fingerprint, "systems": results}
+
+
+def format_table(results: dict[str, dict], shards: str) -> str:
+    """The systems' scores as an aligned text table."""
+    width = max(len("system"), *(len(name) for name in results))
+    lines = [f"evaluation on {shards}", f"{'system':<{width}}  {'mAP':>7}  {'mAUC':>7}  {'d-prime':>7}  "
+             f"{'clips':>6}  {'classes':>7}  checkpoints"]
+    for name, r in results.items():
+        lines.append(f"{name:<{width}}  {100 * r['mAP']:7.2f}  {100 * r['mAUC']:7.2f}  {r['d_prime']:7.3f}  "
+                     f"{r['num_clips']:6d}  {r['num_classes_scored']:7d}  {len(r['checkpoints'])}")
+    return "\n".join(lines)
