@@ -93,5 +93,8 @@ def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
         if result.returncode != 0 or not wav_path.is_file():
             detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
             raise AudioDecodeError(path, f"ffmpeg failed (exit {result.returncode}): {detail}")
-        frames, source_rate = soundfile.read(wav_path, dtype="float32", always_2d=True)
+        try:
+            frames, source_rate = soundfile.read(wav_path, dtype="float32", always_2d=True)
+        except (soundfile.SoundFileError, RuntimeError) as error:
+            raise AudioDecodeError(path, f"ffmpeg wrote audio that soundfile cannot read ({error})") from None
     return frames, source_rate

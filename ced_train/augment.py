@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
-HOP_SAMPLES = 160
-N_MELS = 64
+from ced_train.audio import SAMPLE_RATE
+from ced_train.models.frontend import HOP_SAMPLES, N_MELS, num_frames
+
 WEIGHT_LEVELS = 255  # partner weights are stored as one byte: w = q / 255
 
 # One record per (clip, view): 13 bytes, packed (no alignment padding), in the store and in memory.
@@ -94,7 +94,7 @@ class AugmentConfig:
     @property
     def frames(self) -> int:
         """Frames of the front-end grid for one chunk (1001 for 10 s)."""
-        return self.clip_samples // HOP_SAMPLES + 1
+        return num_frames(self.clip_samples)
 
     @property
     def max_shift_frames(self) -> int:

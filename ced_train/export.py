@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ced_train.audio import SAMPLE_RATE
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
 
 MAX_SECONDS = 3600
@@ -25,10 +26,10 @@ def export_onnx(model: CEDModel, out: str | Path, opset: int = 18) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     # Batch 2 in the example: a batch of 1 would be specialised to a constant by torch.export.
-    example = torch.zeros(2, 3 * 16000)
+    example = torch.zeros(2, 3 * SAMPLE_RATE)
     dynamic = {
         0: torch.export.Dim("batch", min=1, max=4096),
-        1: torch.export.Dim("samples", min=model.front_end.n_fft, max=MAX_SECONDS * 16000),
+        1: torch.export.Dim("samples", min=model.front_end.n_fft, max=MAX_SECONDS * SAMPLE_RATE),
     }
     torch.onnx.export(
         model,

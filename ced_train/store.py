@@ -139,15 +139,13 @@ def _create_layout(file: h5py.File, spec: StoreSpec, keys: list[str], shard_name
     names = [name.encode() for name in shard_names]
     file.create_dataset("shard_names", data=np.array(names, dtype=f"S{max(map(len, names), default=1)}"))
     file.create_dataset("shard_offsets", data=np.asarray(offsets, dtype=np.int64))
-    chunk = (1, max(1, min(CHUNK_CLIPS, num_clips)))
     shape = (spec.num_views, num_clips)
-    file.create_dataset("topk_values", shape=shape + (spec.top_k,), dtype=VALUE_DTYPE, chunks=chunk + (spec.top_k,))
+    # HDF5 refuses chunks larger than the data: a part of a shard without clips is stored contiguous (and empty).
+    chunk = (1, min(CHUNK_CLIPS, num_clips)) if num_clips else None
+    topk_chunk = chunk + (spec.top_k,) if chunk else None
+    file.create_dataset("topk_values", shape=shape + (spec.top_k,), dtype=VALUE_DTYPE, chunks=topk_chunk)
     file.create_dataset(
-        "topk_indices",
-        shape=shape + (spec.top_k,),
-        dtype=INDEX_DTYPE,
-        chunks=chunk + (spec.top_k,),
-        fillvalue=MISSING_INDEX,
+        "topk_indices", shape=shape + (spec.top_k,), dtype=INDEX_DTYPE, chunks=topk_chunk, fillvalue=MISSING_INDEX
     )
     file.create_dataset("view_params", shape=shape, dtype=VIEW_PARAMS_DTYPE, chunks=chunk)
 
@@ -256,7 +254,14 @@ class TeacherStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file: h5py.File | None = None
-        file = self._open()
+        try:
+            self._read_header(self._open())
+        except BaseException:
+            self.close()  # a refused file is not left open
+            raise
+        self._shard_index = {name: i for i, name in enumerate(self.shard_names)}
+
+    def _read_header(self, file: h5py.File) -> None:
         try:
             version = int(file.attrs.get("format_version", -1))
             if version != FORMAT_VERSION:
@@ -270,7 +275,6 @@ class TeacherStore:
             self.num_clips = int(file.attrs["num_clips"])
         except KeyError as error:
             raise StoreError(f"{self.path}: attribute or dataset {error} missing: not a teacher store") from error
-        self._shard_index = {name: i for i, name in enumerate(self.shard_names)}
 
     def _open(self) -> h5py.File:
         if self._file is None:
@@ -533,11 +537,20 @@ def verify(path: str | Path, shards_dir: str | Path, augment: AugmentConfig | No
 
 
 def _read_augment_yaml(path: str) -> AugmentConfig:
+    """An augmentation config file (`configs/augment/*.yaml`), composed by Hydra so that its `defaults:` apply."""
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"--augment: no such file {path}")
+    with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
+        values = OmegaConf.to_container(compose(path.stem), resolve=True)
     values.pop("_target_", None)
-    return AugmentConfig(**values)
+    try:
+        return AugmentConfig(**values)
+    except TypeError as error:
+        raise ValueError(f"{path}: not an augmentation config ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             augment = _read_augment_yaml(args.augment) if args.augment else None
             summary = verify(args.path, args.shards, augment=augment, resample=args.resample)
             print(f"verify {args.path}: ok ({summary['clips']} clips x {summary['views']} views, all present)")
-    except (StoreError, FileNotFoundError, ValueError) as error:
+    except (StoreError, OSError, ValueError) as error:  # OSError: HDF5 data unreadable past an intact header
         print(f"error: {error}", file=sys.stderr)
         return 1
     for name, value in summary.items():

@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = load_checkpoint(args.checkpoint)
+        # Trained checkpoints record pooling "logit" (raw logits for the loss); tagging reports probabilities.
+        model = load_checkpoint(args.checkpoint, pooling="mean")
         names = class_names(model.num_classes, args.labels)
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: checkpoint {args.checkpoint}: {error}", file=sys.stderr)

@@ -38,6 +38,7 @@ from ced_train.augment import (
     params_to_columns,
 )
 from ced_train.data import ShardInfo, iter_shard, read_manifest
+from ced_train.models.frontend import LogMelFrontEnd
 from ced_train.store import StoreError, TeacherStore
 
 __all__ = ["ViewDataset"]
@@ -112,7 +113,9 @@ class ViewDataset(IterableDataset):
         unknown = sorted(set(shard_names or ()) - set(by_name))
         if unknown:
             raise ValueError(f"shards {unknown} are not in {shards_dir}")
-        self.shards: list[ShardInfo] = [by_name[name] for name in shard_names] if shard_names else manifest.shards
+        self.shards: list[ShardInfo] = (
+            manifest.shards if shard_names is None else [by_name[name] for name in shard_names]
+        )
         self.shuffle = shuffle
         self.seed = seed
         self.rank, self.world_size = (rank, world_size) if rank is not None else _distributed_rank()
@@ -149,8 +152,6 @@ class ViewDataset(IterableDataset):
     def log_mel(self, waveform: np.ndarray) -> torch.Tensor:
         """One clip's fixed-length chunk → `(64, frames)` float32 dB, computed alone (batch of one)."""
         if self._front_end is None:
-            from ced_train.models.frontend import LogMelFrontEnd
-
             self._front_end = LogMelFrontEnd()
         chunk = torch.from_numpy(fixed_length(waveform, self.augment.clip_samples))
         with torch.inference_mode():

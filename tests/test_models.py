@@ -7,6 +7,7 @@ import torch
 
 from ced_train.models import CheckpointError, create_model, list_models, load_checkpoint, variant_dims
 from ced_train.models.checkpoint import resize_pos_embed
+from ced_train.models.frontend import LogMelFrontEnd, num_frames
 
 PUBLISHED_PARAMS = {"ced_tiny": 5.5e6, "ced_mini": 9.6e6, "ced_small": 22e6, "ced_base": 86e6}
 
@@ -68,6 +69,11 @@ def test_inputs_shorter_than_one_patch_are_padded_not_rejected(test_model, num_s
     with torch.no_grad():
         probs = test_model(waveform(num_samples / 16000))
     assert probs.shape == (1, 527) and torch.isfinite(probs).all()
+
+
+@pytest.mark.parametrize("num_samples", [1, 100, 256, 257, 300, 16000, 160000, 160159, 160160])
+def test_num_frames_is_the_front_end_output_length(num_samples):
+    assert LogMelFrontEnd()(torch.zeros(1, num_samples)).shape[-1] == num_frames(num_samples)
 
 
 def test_input_of_exactly_two_tables_keeps_both_chunks(test_model):

@@ -60,6 +60,20 @@ def test_tags_every_common_format_with_one_row_per_chunk(audio_files, checkpoint
         assert all(label["label"] in names for label in chunk["labels"])
 
 
+def test_a_trained_checkpoint_with_logit_pooling_is_tagged_with_probabilities(audio_files, checkpoint, tmp_path,
+                                                                                capsys):
+    state = torch.load(checkpoint)["model"]
+    trained = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()},
+                "ced_model": {"name": "ced_test", "num_classes": 527, "pooling": "logit"}}, trained)
+    results = []
+    for path in (checkpoint, trained):
+        assert tag.main([str(audio_files / "a.wav"), "--checkpoint", str(path), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out)["results"])
+    assert results[0] == results[1]
+    assert all(0 < label["probability"] < 1 for label in results[1][0]["chunks"][0]["labels"])
+
+
 def test_text_output_prints_display_names(audio_files, checkpoint, capsys):
     assert tag.main([str(audio_files / "a.wav"), "--checkpoint", str(checkpoint)]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -20,12 +20,13 @@ import torch
 
 from ced_train import store as store_module
 from ced_train.augment import AugmentConfig
+from ced_train.data import read_manifest
 from ced_train.models import create_model
 from ced_train.stages.teach import teacher_pass
 from ced_train.store import StoreError, TeacherStore, verify
 from ced_train.teachers import TeacherEnsemble, load_ensemble
 from ced_train.views import ViewDataset
-from test_views import make_shards
+from helpers import make_shards
 
 AUGMENT = AugmentConfig(mixup_prob=0.75, mixup_block_clips=2)
 VIEWS = 3
@@ -119,6 +120,35 @@ def test_replayed_views_are_bit_identical_to_what_the_teachers_saw(tiny, hashed,
             assert torch.equal(replayed, batch["topk_indices"]), batch["key"]
             seen.update(zip(batch["key"], batch["view"].tolist()))
     assert len(seen) == CLIPS * VIEWS
+
+
+def test_a_shard_whose_files_all_failed_to_decode_gets_an_empty_part(tmp_path):
+    # Seed 5 puts both empty WAVs (skipped by data_prep) into the first shard.
+    shards = make_shards(tmp_path / "shards", [0, 0, 10, 10], 2, seed=5)
+    manifest = read_manifest(shards)
+    assert [shard.num_samples for shard in manifest.shards] == [0, 2]
+    store = tmp_path / "store.h5"
+    ensemble = TeacherEnsemble([HashTeacher()], sources=[{"file": "hash"}])
+    teacher_pass(shards, store, ensemble, AUGMENT, seed=0, num_views=2, batch_size=4, progress=False)
+    assert verify(store, shards)["clips"] == 2
+    dataset = ViewDataset(shards, store=store)
+    items = list(dataset)
+    assert [item["key"] for item in items] == list(manifest.shards[1].keys)
+    for item in items:
+        _, replayed = HashTeacher()(item["mel_db"][None]).topk(20)
+        assert torch.equal(replayed[0], item["topk_indices"])
+
+
+def test_an_unreadable_store_is_refused_and_replaced_only_with_overwrite(tmp_path):
+    shards = make_shards(tmp_path / "shards", [10, 5], 2)
+    store = tmp_path / "store.h5"
+    store.write_bytes(b"not an HDF5 file")
+    ensemble = TeacherEnsemble([HashTeacher()], sources=[{"file": "hash"}])
+    run = dict(seed=0, num_views=2, batch_size=4, progress=False)
+    with pytest.raises(StoreError, match="cannot open"):
+        teacher_pass(shards, store, ensemble, AUGMENT, **run)
+    teacher_pass(shards, store, ensemble, AUGMENT, overwrite=True, **run)
+    assert verify(store, shards)["clips"] == 2
 
 
 def test_consistent_mixup_is_stored_with_partners_in_the_same_shard(tiny):
@@ -229,6 +259,16 @@ def test_verify_catches_a_changed_augmentation_config(tiny, tmp_path, capsys):
     with pytest.raises(StoreError, match="re-drawn parameter records differ") as error:
         verify(path, tiny["shards"])
     assert "attributes were edited" in str(error.value)
+
+
+def test_verify_reads_an_augment_file_through_its_defaults(tiny, capsys):
+    # configs/augment/ced_nomixup.yaml only overrides mixup_prob on top of `defaults: [ced]`.
+    expected = REPO / "configs" / "augment" / "ced_nomixup.yaml"
+    argv = ["verify", str(tiny["store"]), "--shards", str(tiny["shards"]), "--augment", str(expected)]
+    assert store_module.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "mixup_prob: 0.75 != 0.0" in err and "mixup_block_clips: 2 != 128" in err
+    assert "mixup_alpha" not in err and "shift_prob" not in err
 
 
 @pytest.mark.parametrize(

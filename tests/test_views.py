@@ -1,47 +1,20 @@
-"""The view dataset: per-clip rendering, fresh and replayed parameters, mixup partners, sharding by rank/worker.
-
-`make_shards` (tiny real shards via data_prep's writer) is also used by tests/test_teach.py.
-"""
+"""The view dataset: per-clip rendering, fresh and replayed parameters, mixup partners, sharding by rank/worker."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 from ced_train.augment import AugmentConfig, ViewSampler, apply, params_from_columns
 from ced_train.data import read_manifest
 from ced_train.views import ViewDataset
+from helpers import make_shards
 
 # Small blocks so a few clips make several mixup blocks; mixup always on to exercise partners.
 AUGMENT = AugmentConfig(mixup_prob=1.0, mixup_block_clips=3)
-
-
-def make_shards(out_dir: Path, durations_s: list[float], samples_per_shard: int, seed: int = 0) -> Path:
-    """Write one clip per duration (noise bursts with a label each) as a shard directory; return it."""
-    from data_prep.sharding import SourceRow, build_shards
-    from ced_train.labels import load_class_labels
-
-    classes = load_class_labels()
-    audio_dir = out_dir.parent / f"{out_dir.name}_audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i, seconds in enumerate(durations_s):
-        samples = int(seconds * 16000)
-        envelope = np.repeat(rng.uniform(0.01, 0.5, size=max(1, samples // 1600 + 1)), 1600)[:samples]
-        waveform = (rng.standard_normal(samples) * envelope).astype(np.float32)
-        path = audio_dir / f"clip{i:03d}.wav"
-        soundfile.write(path, waveform, 16000, subtype="PCM_16")
-        label = i % len(classes)
-        rows.append(SourceRow(f"clip{i:03d}", f"clip{i:03d}", path, path.name, (label,), (classes.mids[label],)))
-    build_shards(rows, out_dir, classes, tool="test", labelled=True, samples_per_shard=samples_per_shard,
-                 workers=1, seed=seed, progress=False)
-    return out_dir
 
 
 def tensor_hash(tensor: torch.Tensor) -> str:
@@ -60,10 +33,11 @@ def rendered(dataset, num_workers=0, batch_size=None) -> dict[tuple[str, int], s
     hashes = {}
     for batch in loader:
         if isinstance(batch["key"], str):  # single items
-            hashes[(batch["key"], batch["view"])] = tensor_hash(batch["mel_db"])
-            continue
+            batch = {"key": [batch["key"]], "view": [batch["view"]], "mel_db": batch["mel_db"][None]}
         for i, key in enumerate(batch["key"]):
-            hashes[(key, int(batch["view"][i]))] = tensor_hash(batch["mel_db"][i])
+            view = int(batch["view"][i])
+            assert (key, view) not in hashes, f"{key} view {view} was yielded twice"
+            hashes[(key, view)] = tensor_hash(batch["mel_db"][i])
     return hashes
 
 

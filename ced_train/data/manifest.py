@@ -94,10 +94,15 @@ def _dumps(payload: dict) -> str:
     return "{\n" + ",\n".join(f" {json.dumps(k)}: {value(v)}" for k, v in payload.items()) + "\n}\n"
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write under a hidden temporary name, then rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(_dumps(payload), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    _write_text_atomic(path, _dumps(payload))
 
 
 def write_manifest(root: str | Path, payload: dict) -> Path:
@@ -158,11 +163,9 @@ def _tsv_field(text: str) -> str:
 def write_skipped(root: str | Path, skips: list[Skip]) -> Path:
     """Write `root/skipped.tsv` atomically: a header line, then one line per skipped input row."""
     path = Path(root) / SKIPPED_NAME
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     lines = [SKIPPED_HEADER]
     lines += ["\t".join(_tsv_field(v) for v in (s.source_row, s.key, s.reason, s.detail)) for s in skips]
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -66,7 +66,7 @@ def check_key(key: str) -> str:
 
 
 def encode_flac(waveform: np.ndarray) -> tuple[bytes, str]:
-    """16 kHz float waveform → (16-bit FLAC bytes, sha256 of the int16 samples).
+    """`(samples,)` float waveform in [-1, 1] at 16 kHz → (16-bit FLAC bytes, sha256 of the int16 samples).
 
     Quantisation is done here, with clipping, rather than by libsndfile, so the hash describes exactly what is stored.
     """

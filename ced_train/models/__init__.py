@@ -1,19 +1,29 @@
-"""CED audio transformers: `create_model(name, **kwargs)` and `load_checkpoint(path)`."""
+"""CED audio transformers: `create_model(name, **kwargs)` and `load_checkpoint(path)`.
 
-from ced_train.models.ced import CEDModel
-from ced_train.models.checkpoint import CheckpointError, load_checkpoint, load_weights, read_checkpoint
-from ced_train.models.frontend import LogMelFrontEnd
-from ced_train.models.registry import create_model, list_models, register_variant, variant_dims
+The names below load their module on first use (as `ced_train.data` does for its stream): the model needs timm,
+about 2.5 s to import, while `ced_train.augment` and the store tools only need the front end's grid constants from
+`ced_train.models.frontend`.
+"""
 
-__all__ = [
-    "CEDModel",
-    "CheckpointError",
-    "LogMelFrontEnd",
-    "create_model",
-    "list_models",
-    "load_checkpoint",
-    "load_weights",
-    "read_checkpoint",
-    "register_variant",
-    "variant_dims",
-]
+from importlib import import_module
+
+_MODULE_OF = {
+    "CEDModel": "ced",
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "load_weights": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "LogMelFrontEnd": "frontend",
+    "create_model": "registry",
+    "list_models": "registry",
+    "register_variant": "registry",
+    "variant_dims": "registry",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(import_module(f"ced_train.models.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'ced_train.models' has no attribute {name!r}")

@@ -40,7 +40,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})")
+            raise CheckpointError(
+                f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(payload).__name__}")
     description = dict(payload.get("ced_model") or {})

@@ -4,7 +4,7 @@ Numerically equal to torchaudio's `MelSpectrogram(sample_rate=16000, n_fft=512, 
 f_min=0, f_max=8000, n_mels=64, center=True, pad_mode="reflect", power=2, norm=None, mel_scale="htk")` followed by
 `AmplitudeToDB(stype="power", top_db=120)`, with one deliberate deviation: the 120 dB floor is taken per clip, whereas
 torchaudio takes it over the whole (batch, mel, frame) tensor, which lets one loud clip change a quiet clip's input.
-Proven against a torchaudio fixture in `tests/test_frontend.py`.
+Proven against a torchaudio fixture in `tests/test_parity.py`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,18 @@ import math
 import torch
 from torch import nn
 
-SAMPLE_RATE = 16000
+from ced_train.audio import SAMPLE_RATE
+
+# The front-end grid that the model, the augmentation parameters and the teacher store share: 10 ms frames, 64 bins.
+N_FFT = 512
 HOP_SAMPLES = 160
 N_MELS = 64
+
+
+def num_frames(num_samples: int, n_fft: int = N_FFT, hop_samples: int = HOP_SAMPLES) -> int:
+    """Frames the front end gives for `num_samples` input samples: centred framing, with inputs shorter than
+    `n_fft // 2 + 1` samples zero-padded to that length first (10 s at 16 kHz → 1001 frames)."""
+    return max(num_samples, n_fft // 2 + 1) // hop_samples + 1
 
 
 def _hz_to_mel_htk(freq_hz: float) -> float:
@@ -54,7 +63,7 @@ class LogMelFrontEnd(nn.Module):
 
     def __init__(
         self,
-        n_fft: int = 512,
+        n_fft: int = N_FFT,
         hop_samples: int = HOP_SAMPLES,
         n_mels: int = N_MELS,
         f_min: float = 0.0,
@@ -71,10 +80,6 @@ class LogMelFrontEnd(nn.Module):
         self.register_buffer(
             "mel_fb", mel_filterbank(n_fft // 2 + 1, f_min, f_max, n_mels, sample_rate), persistent=False
         )
-
-    def num_frames(self, num_samples: int) -> int:
-        """Frames produced for `num_samples` input samples (centred framing)."""
-        return max(num_samples, self.n_fft // 2 + 1) // self.hop_samples + 1
 
     def mel_power(self, waveform: torch.Tensor) -> torch.Tensor:
         """`(batch, samples)` → `(batch, n_mels, frames)` mel power spectrogram (before dB)."""

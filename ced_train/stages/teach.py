@@ -21,8 +21,18 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig, ViewSampler, params_from_columns
-from ced_train.data import read_manifest
-from ced_train.store import StoreError, StoreSpec, TeacherStore, merge_parts, part_is_complete, write_part
+from ced_train.data import ShardInfo, read_manifest
+from ced_train.store import (
+    INDEX_DTYPE,
+    MISSING_INDEX,
+    VALUE_DTYPE,
+    StoreError,
+    StoreSpec,
+    TeacherStore,
+    merge_parts,
+    part_is_complete,
+    write_part,
+)
 from ced_train.teachers import TeacherEnsemble
 from ced_train.views import ViewDataset
 
@@ -106,6 +116,8 @@ def teacher_pass(
         overwrite: replace a store or parts made from something else; without it they are an error. Parts of this
             very pass are always kept (they are what a resumed run reuses).
     """
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"teach.precision={precision!r}: expected one of {', '.join(AUTOCAST_DTYPES)}")
     start_time = time.perf_counter()
     device = _resolve_device(device)
     rank, world_size = _init_distributed(device)
@@ -117,9 +129,14 @@ def teacher_pass(
     store_path = Path(store_path)
     parts_dir = store_path.with_name(store_path.name + ".parts")
     if store_path.exists():
-        with TeacherStore(store_path) as existing:
-            found = existing.spec
-        if found.fingerprint() == spec.fingerprint():
+        try:
+            with TeacherStore(store_path) as existing:
+                found = existing.spec
+        except StoreError:
+            if not overwrite:
+                raise
+            found = None  # unreadable: replaced like a store of other settings
+        if found is not None and found.fingerprint() == spec.fingerprint():
             if rank == 0:
                 shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed right after its merge
                 print(f"teach: {store_path} is up to date (fingerprint {spec.fingerprint()}); nothing to do")
@@ -152,7 +169,7 @@ def teacher_pass(
                     time.perf_counter() - start_time)
 
 
-def _part_done(path: Path, spec: StoreSpec, shard, overwrite: bool) -> bool:
+def _part_done(path: Path, spec: StoreSpec, shard: ShardInfo, overwrite: bool) -> bool:
     """True for a finished part of this pass; a part of another pass is an error, or removed with `overwrite`."""
     try:
         return part_is_complete(path, spec, shard.name, shard.num_samples)
@@ -163,7 +180,18 @@ def _part_done(path: Path, spec: StoreSpec, shard, overwrite: bool) -> bool:
         return False
 
 
-def _run_shards(shards_dir, shards, parts_dir, spec, ensemble, batch_size, num_workers, precision, device, progress):
+def _run_shards(
+    shards_dir: str | Path,
+    shards: list[ShardInfo],
+    parts_dir: Path,
+    spec: StoreSpec,
+    ensemble: TeacherEnsemble,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    device: torch.device,
+    progress: bool,
+) -> None:
     """Render, run and write `shards` (all views), one part file per finished shard."""
     dataset = ViewDataset(shards_dir, sampler=ViewSampler(spec.augment, spec.seed), views=range(spec.num_views),
                           shard_names=[shard.name for shard in shards], rank=0, world_size=1, batch_size=batch_size)
@@ -171,9 +199,14 @@ def _run_shards(shards_dir, shards, parts_dir, spec, ensemble, batch_size, num_w
                                          pin_memory=device.type == "cuda")
     autocast_dtype = AUTOCAST_DTYPES[precision] if device.type == "cuda" else None
     ensemble = ensemble.to(device).eval()
-    clips = {shard.name: shard for shard in shards}
+    shard_by_name = {shard.name: shard for shard in shards}
     buffers: dict[str, dict] = {}
     views = spec.num_views
+    unfinished = set(shard_by_name)
+    for shard in shards:
+        if shard.num_samples == 0:  # every file of the shard failed to decode: the loader yields nothing for it
+            write_part(parts_dir / f"{shard.name}.h5", spec, shard.name, [], *_empty_arrays(spec, 0))
+            unfinished.discard(shard.name)
     with tqdm(total=len(dataset), unit="view", desc="teach", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             mel_db = batch["mel_db"].to(device, non_blocking=True)
@@ -182,13 +215,10 @@ def _run_shards(shards_dir, shards, parts_dir, spec, ensemble, batch_size, num_w
                 probs = ensemble(mel_db)
             values, indices = probs.float().topk(spec.top_k, dim=1)
             name = batch["shard"][0]
-            num = clips[name].num_samples
-            buffer = buffers.setdefault(name, {
-                "values": np.zeros((views, num, spec.top_k), np.float16),
-                "indices": np.full((views, num, spec.top_k), -1, np.int16),
-                "params": np.zeros((views, num), VIEW_PARAMS_DTYPE),
-                "count": 0,
-            })
+            num = shard_by_name[name].num_samples
+            if name not in buffers:
+                buffers[name] = dict(zip(("params", "values", "indices"), _empty_arrays(spec, num)), count=0)
+            buffer = buffers[name]
             view, row = batch["view"].numpy(), batch["row"].numpy()
             buffer["values"][view, row] = values.cpu().numpy()
             buffer["indices"][view, row] = indices.cpu().numpy()
@@ -196,11 +226,20 @@ def _run_shards(shards_dir, shards, parts_dir, spec, ensemble, batch_size, num_w
             buffer["count"] += len(row)
             bar.update(len(row))
             if buffer["count"] == views * num:
-                write_part(parts_dir / f"{name}.h5", spec, name, list(clips[name].keys), buffer["params"],
+                write_part(parts_dir / f"{name}.h5", spec, name, list(shard_by_name[name].keys), buffer["params"],
                            buffer["values"], buffer["indices"])
                 del buffers[name]
-    if buffers:
-        raise RuntimeError(f"teach: shards {sorted(buffers)} ended incomplete; their parts were not written")
+                unfinished.discard(name)
+    if unfinished:
+        raise RuntimeError(f"teach: shards {sorted(unfinished)} ended incomplete; their parts were not written")
+
+
+def _empty_arrays(spec: StoreSpec, num_clips: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One shard's part arrays before any batch: params `(views, n)`, values `(views, n, k)` float16 and indices
+    `(views, n, k)` int16 filled with the store's "never written" marker."""
+    shape = (spec.num_views, num_clips)
+    return (np.zeros(shape, VIEW_PARAMS_DTYPE), np.zeros(shape + (spec.top_k,), VALUE_DTYPE),
+            np.full(shape + (spec.top_k,), MISSING_INDEX, INDEX_DTYPE))
 
 
 def _summary(store_path: Path, spec: StoreSpec, clips: int, clips_run: int, parts_reused: int, elapsed_s: float):

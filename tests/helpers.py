@@ -1,0 +1,34 @@
+"""Helpers shared by several test modules (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from ced_train.audio import SAMPLE_RATE
+
+
+def make_shards(out_dir: Path, durations_s: list[float], samples_per_shard: int, seed: int = 0) -> Path:
+    """Write one clip per duration (noise bursts, clip `i` labelled with class `i`) as a shard directory through
+    data_prep's writer; return it. A duration of 0 writes an empty WAV, which data_prep skips as `empty`."""
+    from ced_train.labels import load_class_labels
+    from data_prep.sharding import SourceRow, build_shards
+
+    classes = load_class_labels()
+    audio_dir = out_dir.parent / f"{out_dir.name}_audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, seconds in enumerate(durations_s):
+        samples = int(seconds * SAMPLE_RATE)
+        envelope = np.repeat(rng.uniform(0.01, 0.5, size=max(1, samples // 1600 + 1)), 1600)[:samples]
+        waveform = (rng.standard_normal(samples) * envelope).astype(np.float32)
+        path = audio_dir / f"clip{i:03d}.wav"
+        soundfile.write(path, waveform, SAMPLE_RATE, subtype="PCM_16")
+        label = i % len(classes)
+        rows.append(SourceRow(f"clip{i:03d}", f"clip{i:03d}", path, path.name, (label,), (classes.mids[label],)))
+    build_shards(rows, out_dir, classes, tool="test", labelled=True, samples_per_shard=samples_per_shard,
+                 workers=1, seed=seed, progress=False)
+    return out_dir
