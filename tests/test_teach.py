@@ -384,3 +384,15 @@ def test_stage_teach_runs_from_the_composed_hydra_config(tiny, tmp_path):
     assert results["store"] == str(tmp_path / "data" / "store" / "pair" / "synthetic.h5")
     summary = verify(results["store"], tiny["shards"], augment=AugmentConfig(mixup_block_clips=4))
     assert (summary["views"], summary["clips"]) == (2, CLIPS)
+
+
+def test_several_slurm_tasks_without_a_process_group_are_refused(monkeypatch):
+    from ced_train.stages.teach import _init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    with pytest.raises(RuntimeError, match="8 SLURM tasks"):
+        _init_distributed(torch.device("cpu"))
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert _init_distributed(torch.device("cpu")) == (0, 1)

@@ -67,6 +67,13 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if "WORLD_SIZE" not in os.environ and slurm_tasks > 1 and "SLURM_PROCID" in os.environ:
+        # Without a process group every task would take every shard and race on the parts and the merge.
+        raise RuntimeError(
+            f"teacher pass: {slurm_tasks} SLURM tasks but no WORLD_SIZE/RANK: start one torchrun per node "
+            "(torchrun sets them) or run the pass with a single task (trainer=gpu)"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     # Ranks finish their shards at different times; the barrier before the merge may wait long.
