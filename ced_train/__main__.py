@@ -122,6 +122,32 @@ def check_inputs(cfg: DictConfig) -> None:
         raise MissingInputError("missing inputs:\n - " + "\n - ".join(problems + hints))
 
 
+def compose(overrides: list[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The app's config for `overrides` (as on the command line), composed outside a Hydra run (tests, notebooks):
+    set `paths.output_dir` (and usually `paths.root_dir`), which otherwise come from the Hydra run."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def run_stages(cfg: DictConfig) -> tuple[dict, dict]:
+    """Check the run's inputs, then run its stages in order → (`{stage: result}`, `{"total"|stage: seconds}`)."""
+    unknown = [stage for stage in cfg.stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"stages {unknown} unknown; known stages: {', '.join(STAGES)}")
+    check_inputs(cfg)
+    results, seconds = {}, {}
+    start = time.perf_counter()
+    for stage in cfg.stages:
+        log.info("stage %s", stage)
+        stage_start = time.perf_counter()
+        results[stage] = STAGES[stage](cfg)
+        seconds[stage] = round(time.perf_counter() - stage_start, 1)
+        log.info("stage %s done in %.1f s", stage, seconds[stage])
+    return results, {"total": round(time.perf_counter() - start, 1), **seconds}
+
+
 def usage() -> str:
     recipes = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
     return (
@@ -135,29 +161,13 @@ def main(cfg: DictConfig) -> None:
     if not cfg.stages:
         print(usage(), file=sys.stderr)
         sys.exit(2)
-    unknown = [stage for stage in cfg.stages if stage not in STAGES]
-    if unknown:
-        raise ValueError(f"stages {unknown} unknown; known stages: {', '.join(STAGES)}")
-    check_inputs(cfg)
-    run_dir = Path(cfg.paths.output_dir)
-    results, seconds = {}, {}
-    start = time.perf_counter()
-    for stage in cfg.stages:
-        log.info("stage %s", stage)
-        stage_start = time.perf_counter()
-        results[stage] = STAGES[stage](cfg)
-        seconds[stage] = round(time.perf_counter() - stage_start, 1)
-        log.info("stage %s done in %.1f s", stage, seconds[stage])
+    results, seconds = run_stages(cfg)
     if not is_global_zero():
         return
+    run_dir = Path(cfg.paths.output_dir)
     path = run_dir / "results.json"
-    write_json_atomic(path, {
-        "name": cfg.name,
-        "stages": list(cfg.stages),
-        "run_dir": str(run_dir),
-        "seconds": {"total": round(time.perf_counter() - start, 1), **seconds},
-        "results": results,
-    })
+    write_json_atomic(path, {"name": cfg.name, "stages": list(cfg.stages), "run_dir": str(run_dir),
+                             "seconds": seconds, "results": results})
     print(f"results: {path}", flush=True)
 
 

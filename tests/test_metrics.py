@@ -68,3 +68,39 @@ def test_per_class_csv_lists_display_names_best_first(tmp_path):
     assert float(rows[0]["ap"]) == pytest.approx(5 / 6)
     assert rows[0]["positives"] == "2"
     assert rows[2]["ap"] == "" and rows[2]["auc"] == ""
+
+
+def test_evaluate_scores_official_lightning_and_exported_checkpoints_alike(synthetic_train_shards, tmp_path, capsys):
+    """One network saved as an official file (mean pooling: probabilities), as a Lightning checkpoint and as this
+    project's export (logit pooling: sigmoid applied by evaluate) scores the same; several files form an ensemble."""
+    import torch
+
+    from ced_train.__main__ import compose, run_stages
+    from ced_train.lightning.fit import export_model
+    from ced_train.lightning.losses import LabelBCE
+    from ced_train.lightning.module import TaggerModule
+    from ced_train.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("ced_test", pooling="logit")
+    weights = model.state_dict()
+    torch.save({"model": weights}, tmp_path / "official.pt")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()},
+                "ced_model": {"name": "ced_test", "num_classes": 527, "pooling": "logit"}}, tmp_path / "last.ckpt")
+    export_model(tmp_path / "export.ckpt", TaggerModule(model, "ced_test", LabelBCE(), torch.optim.AdamW), {})
+    torch.manual_seed(1)
+    torch.save({"model": create_model("ced_test").state_dict()}, tmp_path / "other.pt")
+    cfg = compose([
+        "stages=[evaluate]", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+        f"evaluate.shards={synthetic_train_shards}", f"evaluate.checkpoint={tmp_path}/official.pt",
+        f"+evaluate.systems.lightning=[{tmp_path}/last.ckpt]", f"+evaluate.systems.export=[{tmp_path}/export.ckpt]",
+        f"+evaluate.systems.pair=[{tmp_path}/official.pt,{tmp_path}/other.pt]",
+    ])
+    systems = run_stages(cfg)[0]["evaluate"]["systems"]
+    assert systems["official"]["mAP"] == pytest.approx(systems["lightning"]["mAP"], abs=1e-6)
+    assert systems["export"]["mAP"] == pytest.approx(systems["lightning"]["mAP"], abs=1e-6)
+    assert systems["official"]["num_clips"] == 21 and systems["pair"]["checkpoints"][1].endswith("other.pt")
+    assert systems["pair"]["mAP"] != pytest.approx(systems["official"]["mAP"], abs=1e-6)
+    table = capsys.readouterr().out
+    assert all(name in table for name in ("official", "lightning", "export", "pair"))
+    assert (tmp_path / "run" / "evaluate" / "pair_per_class.csv").is_file()

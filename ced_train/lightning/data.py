@@ -159,8 +159,10 @@ class ViewsDataModule(pl.LightningDataModule):
         self.train_set.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
-        # Called when fitting starts, also when resuming: the first iterator must already see the resumed epoch.
-        self.set_epoch(self.trainer.current_epoch if self.trainer else 0)
+        # Called once when fitting starts, also when resuming, and that first iterator (whose workers copy the
+        # dataset) serves the first epoch to run: the epoch Lightning is about to process, which on resuming from an
+        # end-of-epoch checkpoint is one past `current_epoch` (the epoch's completion is only counted after that).
+        self.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
         collate = collate_supervised if self.store is None else collate_distill
         return DataLoader(
             EqualBatches(self.train_set, self.batch_size, self.num_batches, collate),

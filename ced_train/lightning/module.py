@@ -118,6 +118,8 @@ class TaggerModule(pl.LightningModule):
     def training_step(self, batch: SupervisedBatch | DistillBatch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self._train_forward(batch.mel_db), batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        if isinstance(batch, DistillBatch):  # the replay schedule: view epoch mod V
+            self.log("train/view", batch.views.float().mean(), on_step=False, on_epoch=True, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: ClipBatch, batch_idx: int) -> None:
@@ -132,20 +134,34 @@ class TaggerModule(pl.LightningModule):
         self._val_targets.clear()
         probs, targets = gather_rows(self, probs), gather_rows(self, targets)
         metrics = tagging_metrics(targets.cpu().numpy(), probs.cpu().numpy())
-        # Every rank holds the same gathered set, so the values agree; sync_dist only keeps Lightning content.
+        # Every rank holds the same gathered set, so the values agree; sync_dist=True only avoids Lightning's warning.
         self.log(MONITOR, metrics.mAP, prog_bar=True, sync_dist=True)
         self.log("val/mAUC", metrics.mAUC, sync_dist=True)
         self.log("val/d_prime", metrics.d_prime, sync_dist=True)
+        self.log("val/clips", float(metrics.num_clips), sync_dist=True)  # mAP depends on which clips were scored
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
         if self.scheduler_factory is None:
             return optimizer
-        total_steps = self.trainer.estimated_stepping_batches
-        if total_steps == float("inf"):
-            raise ValueError("the learning-rate schedule needs a finite run: set max_epochs or max_steps")
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(total_steps))
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run, from max_steps and max_epochs x the datamodule's `num_batches`.
+
+        Not `trainer.estimated_stepping_batches`: it builds the training iterator before a resumed run has restored
+        its epoch, and DataLoader workers would then start on the wrong epoch's views.
+        """
+        trainer = self.trainer
+        steps = []
+        if trainer.max_steps not in (None, -1):
+            steps.append(trainer.max_steps)
+        if trainer.max_epochs not in (None, -1):
+            steps.append(trainer.max_epochs * math.ceil(trainer.datamodule.num_batches / trainer.accumulate_grad_batches))
+        if not steps:
+            raise ValueError("the learning-rate schedule needs a finite run: set max_epochs or max_steps")
+        return min(steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ced_model"] = {

@@ -1,0 +1,110 @@
+"""The Hydra app: every recipe composes and instantiates its parts, AudioSet recipes name missing paths before any
+stage runs, and a bare `python -m ced_train` explains itself."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ced_train.__main__ import CONFIG_DIR, RECIPE_DIR, STAGES, MissingInputError, check_inputs, compose
+
+REPO = CONFIG_DIR.parent
+RECIPES = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+AUDIOSET_RECIPES = [name for name in RECIPES if name.startswith("audioset_")]
+
+
+@pytest.fixture
+def no_audioset_env(monkeypatch):
+    for name in ("AUDIOSET_DIR", "CED_CHECKPOINTS_DIR", "CED_DATA_DIR", "CED_RUNS_DIR", "CED_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_recipes_dir_holds_the_demo_and_eight_audioset_recipes():
+    assert "tiny_distill" in RECIPES
+    sizes = ("tiny", "mini", "small", "base")
+    assert sorted(AUDIOSET_RECIPES) == sorted(f"audioset_{s}_{d}" for s in sizes for d in ("balanced", "full"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_and_its_parts_instantiate(recipe, tmp_path, no_audioset_env):
+    cfg = compose([f"+recipe={recipe}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
+    assert cfg.name == recipe
+    assert cfg.stages and set(cfg.stages) <= set(STAGES)
+    # Resolving everything but the paths a missing environment leaves null must work.
+    OmegaConf.to_container(cfg.distill, resolve=True)
+    OmegaConf.to_container(cfg.evaluate, resolve=True)
+    loss = instantiate(cfg.distill.loss)
+    optimizer = instantiate(cfg.distill.optim.optimizer)
+    assert callable(loss) and callable(optimizer)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/mAP" == cfg.callbacks.early_stopping.monitor
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+@pytest.mark.parametrize("recipe", ["audioset_tiny_balanced", "audioset_base_full"])
+def test_audioset_recipe_without_paths_fails_naming_options_and_env_vars(recipe, tmp_path, no_audioset_env):
+    cfg = compose([f"+recipe={recipe}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
+    with pytest.raises(MissingInputError) as error:
+        check_inputs(cfg)
+    message = str(error.value)
+    assert "CED_CHECKPOINTS_DIR" in message and "paths.checkpoints_dir" in message
+    assert "audiotransformer_base_mAP_4999.pt" in message  # the teachers, read by teach or evaluate
+    if "prepare" in cfg.stages:
+        assert "AUDIOSET_DIR" in message and "prepare.splits.balanced_train.audio_dir" in message
+    else:  # shards are prepared by a separate run: the error says which directory is missing
+        assert "data.train_shards" in message and "store.path" in message
+
+
+def test_audioset_recipe_with_paths_set_names_only_what_is_still_missing(tmp_path, monkeypatch):
+    audioset, checkpoints = tmp_path / "audioset", tmp_path / "ced"
+    (audioset / "audio").mkdir(parents=True)
+    (audioset / "balanced_train_segments.csv").write_text("#\n")
+    (audioset / "eval_segments.csv").write_text("#\n")
+    checkpoints.mkdir()
+    monkeypatch.setenv("AUDIOSET_DIR", str(audioset))
+    monkeypatch.setenv("CED_CHECKPOINTS_DIR", str(checkpoints))
+    cfg = compose(["+recipe=audioset_tiny_balanced", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/r"])
+    with pytest.raises(MissingInputError) as error:
+        check_inputs(cfg)
+    message = str(error.value)
+    assert "audiotransformer_base_mAP_4999.pt" in message
+    assert "AUDIOSET_DIR" not in message and "audio_dir" not in message  # present now
+    assert "data.train_shards" not in message  # made by the run's own prepare stage
+
+
+def test_unknown_recipe_lists_the_available_ones(tmp_path):
+    with pytest.raises(Exception, match="tiny_distill"):
+        compose(["+recipe=no_such_recipe", f"paths.root_dir={tmp_path}"])
+
+
+def test_command_line_override_beats_recipe(tmp_path):
+    cfg = compose(["+recipe=tiny_distill", "distill.consistent=false", "model@distill.model=ced_mini",
+                   f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
+    assert cfg.distill.consistent is False
+    assert cfg.distill.model.name == "ced_mini"
+    assert cfg.train.model.name == "ced_test"  # the recipe's teachers are untouched
+
+
+def test_bare_command_explains_how_to_pick_a_recipe(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ced_train", f"paths.root_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "CED_ROOT": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "+recipe=tiny_distill" in result.stderr
+    assert "audioset_tiny_balanced" in result.stderr
+    assert not (Path(tmp_path) / "data").exists()
+
+
+def test_slurm_launcher_asks_for_one_task_per_gpu_on_every_node(tmp_path):
+    cfg = compose(["+recipe=audioset_small_full", "hydra/launcher=slurm", "trainer.num_nodes=2",
+                   f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/runs/audioset_small_full/multirun/")

@@ -1,0 +1,193 @@
+"""Distillation: the losses, the replayed batches (exactly what the teachers saw, no labels, view epoch mod V), the
+consistency switch, exact resume of the distill stage, and reuse of its export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ced_train.__main__ import compose, run_stages
+from ced_train.lightning.batches import DistillBatch
+from ced_train.lightning.data import ViewsDataModule
+from ced_train.lightning.fit import StageOutputError, read_provenance
+from ced_train.lightning.losses import TopKBCE, TopKKL, dense_targets
+from ced_train.models import create_model
+from ced_train.teachers import load_ensemble
+
+VIEWS = 3
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, synthetic_train_shards):
+    """Two random `ced_test` teachers, the store of a 3-view teacher pass (2 s chunks) over the synthetic train
+    shards (21 clips in 3 shards, also the validation set here), written by the app's teach stage."""
+    root = tmp_path_factory.mktemp("distill")
+    teachers = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        teachers.append(str(root / f"teacher{seed}.pt"))
+        torch.save({"model": create_model("ced_test").state_dict()}, teachers[-1])
+    overrides = [
+        f"paths.root_dir={root}", f"paths.output_dir={root}/run", f"paths.store_dir={root}/store",
+        f"data.train_shards={synthetic_train_shards}", f"data.val_shards={synthetic_train_shards}",
+        "data.batch_size=4", "data.eval_batch_size=8",
+        "teachers=checkpoints", "teachers.name=random", f"teachers.checkpoints=[{teachers[0]},{teachers[1]}]",
+        f"teach.views={VIEWS}", "teach.batch_size=16", "teach.progress=false", "augment.clip_samples=32000",
+        "model@distill.model=ced_test", "distill.trainer.max_epochs=2", "distill.trainer.check_val_every_n_epoch=1",
+        "distill.optim.scheduler.warmup_steps=2", "callbacks.average_best.num_best=2",
+        "trainer=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv",
+    ]
+    cfg = compose(["stages=[teach]", *overrides])
+    run_stages(cfg)
+    return {"root": root, "overrides": overrides, "store": cfg.store.path, "teachers": teachers,
+            "shards": str(synthetic_train_shards)}
+
+
+def distill_cfg(tiny, out_dir, *extra):
+    """The distill stage writing to `out_dir`, its CSV logs to `out_dir/logs/<run name>/version_<n>`."""
+    return compose(["stages=[distill]", *tiny["overrides"], f"distill.out_dir={out_dir}",
+                    f"paths.output_dir={out_dir}/logs", *extra])
+
+
+def datamodule(tiny, consistent=True) -> ViewsDataModule:
+    dm = ViewsDataModule(tiny["shards"], tiny["shards"], batch_size=4, eval_batch_size=8, seed=0,
+                         store=tiny["store"], consistent=consistent, fresh_seed=99)
+    dm.setup("fit")
+    return dm
+
+
+def epoch_batches(dm: ViewsDataModule, epoch: int) -> list[DistillBatch]:
+    loader = dm.train_dataloader()
+    dm.set_epoch(epoch)  # as the module does at the start of every epoch
+    return list(loader)
+
+
+def test_dense_targets_scatter_topk_and_fill_the_rest():
+    values = torch.tensor([[0.9, 0.5]])
+    indices = torch.tensor([[3, 0]])
+    zero = dense_targets(values, indices, num_classes=5, fill="zero")
+    assert torch.equal(zero, torch.tensor([[0.5, 0.0, 0.0, 0.9, 0.0]]))
+    # mean_rest (CED's last_mean): the smallest top-k value spread over the 3 other classes
+    rest = dense_targets(values, indices, num_classes=5, fill="mean_rest")
+    assert torch.allclose(rest, torch.tensor([[0.5, 0.5 / 3, 0.5 / 3, 0.9, 0.5 / 3]]))
+    with pytest.raises(ValueError, match="fill"):
+        TopKBCE(fill="ones")
+
+
+def test_topk_bce_equals_bce_on_the_dense_targets():
+    batch = DistillBatch(torch.zeros(1), torch.tensor([[0.8, 0.3]]), torch.tensor([[1, 2]]), torch.tensor([0]), ["k"])
+    logits = torch.tensor([[0.0, 2.0, -1.0, -3.0]])
+    targets = torch.tensor([[0.0, 0.8, 0.3, 0.0]])
+    expected = -(targets * torch.log(logits.sigmoid()) + (1 - targets) * torch.log(1 - logits.sigmoid())).mean()
+    assert TopKBCE()(logits, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_topk_kl_vanishes_when_the_student_matches_the_teacher():
+    batch = DistillBatch(torch.zeros(1), torch.tensor([[0.9, 0.6, 0.2]]), torch.tensor([[0, 1, 2]]),
+                         torch.tensor([0]), ["k"])
+    teacher_logits = torch.logit(torch.tensor([[0.9, 0.6, 0.2]]))
+    loss = TopKKL(temperature=2.0)
+    assert loss(teacher_logits, batch).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(torch.zeros(1, 3), batch).item() > 1e-3
+
+
+def test_replayed_batches_are_exactly_what_the_teachers_saw_and_hold_no_labels(tiny):
+    ensemble = load_ensemble(tiny["teachers"])
+    dm = datamodule(tiny)
+    for epoch in (0, 4):
+        batches = list(epoch_batches(dm, epoch))
+        assert len(batches) == dm.num_batches == 5  # 21 clips // 4 (one rank)
+        for batch in batches[:2]:
+            assert isinstance(batch, DistillBatch) and not hasattr(batch, "labels")
+            assert set(batch.views.tolist()) == {epoch % VIEWS}
+            values, indices = ensemble(batch.mel_db).topk(5, dim=1)
+            assert torch.equal(indices, batch.topk_indices[:, :5])
+            assert torch.allclose(values, batch.topk_values[:, :5], atol=2e-3)  # stored as float16
+
+
+def test_inconsistent_switch_draws_fresh_views_against_the_same_stored_targets(tiny):
+    replay, fresh = datamodule(tiny), datamodule(tiny, consistent=False)
+    by_key = {}
+    for batch in epoch_batches(replay, 1):
+        for i, key in enumerate(batch.keys):
+            by_key[key] = (batch.mel_db[i], batch.topk_indices[i], batch.views[i])
+    differing = 0
+    for batch in epoch_batches(fresh, 1):
+        for i, key in enumerate(batch.keys):
+            mel_db, indices, view = by_key[key]
+            assert torch.equal(batch.topk_indices[i], indices) and batch.views[i] == view
+            differing += not torch.equal(batch.mel_db[i], mel_db)
+    assert differing >= 16  # fresh shifts, masks and partners: (almost) every input differs
+
+
+def test_distill_resumed_at_an_epoch_boundary_matches_the_uninterrupted_run(tiny, tmp_path):
+    # One DataLoader worker: it copies the dataset when an epoch's iterator starts, so the resumed epoch's view
+    # must be set before that, not only when the epoch's hooks run.
+    straight = distill_cfg(tiny, tmp_path / "straight", "data.num_workers=1")
+    run_stages(straight)
+    # Stop after the first validation (any mAP beats the threshold), then resume from its last.ckpt.
+    interrupted = distill_cfg(tiny, tmp_path / "resumed", "data.num_workers=1",
+                              "+callbacks.early_stopping.stopping_threshold=0.0")
+    first, _ = run_stages(interrupted)
+    assert first["distill"]["epochs"] == 1  # epochs completed
+    resumed = distill_cfg(tiny, tmp_path / "resumed", "data.num_workers=1", "distill.resume=auto",
+                          "distill.overwrite=true")
+    second, _ = run_stages(resumed)
+    assert second["distill"]["resumed_from"].endswith("last.ckpt") and second["distill"]["epochs"] == 2
+
+    def weights(root):
+        return torch.load(root / "student" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+    # Epoch e replayed view e mod V, before and after the interruption.
+    for log, expected in (("straight/logs/default-distill/version_0", [0.0, 1.0]),
+                          ("resumed/logs/default-distill/version_1", [1.0])):
+        with open(tmp_path / log / "metrics.csv", newline="") as handle:
+            assert [float(row["train/view"]) for row in csv.DictReader(handle) if row["train/view"]] == expected
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    exported_a = torch.load(tmp_path / "straight" / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
+    exported_b = torch.load(tmp_path / "resumed" / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
+    assert all(torch.equal(exported_a[key], exported_b[key]) for key in exported_a)
+
+
+def test_distill_reuses_an_export_of_equal_inputs_and_refuses_other_inputs(tiny, tmp_path):
+    cfg = distill_cfg(tiny, tmp_path, "distill.trainer.max_epochs=1")
+    first, _ = run_stages(cfg)
+    assert first["distill"]["reused"] is False
+    again, _ = run_stages(cfg)
+    assert again["distill"]["reused"] is True
+    assert again["distill"]["fingerprint"] == read_provenance(tmp_path / "student.ckpt")["fingerprint"]
+    with pytest.raises(StageOutputError, match="distill.overwrite"):
+        run_stages(distill_cfg(tiny, tmp_path, "distill.trainer.max_epochs=1", "distill.loss.fill=mean_rest"))
+    assert math.isfinite(first["distill"]["best_val_mAP"])
+
+
+def test_two_process_ddp_distillation_over_gloo(tiny, tmp_path):
+    """Lightning starts a second process; both run the same number of steps although their shards hold 14 and 7
+    clips, validation scores every clip once across the two, and only rank 0 writes and prints results."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny["overrides"] if not o.startswith(("paths.output_dir", "trainer="))]
+    command = [sys.executable, "-m", "ced_train", "stages=[distill]", *overrides, f"distill.out_dir={tmp_path}",
+               "data.batch_size=2", "trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == f"results: {run_dir / 'results.json'}"
+    assert sum(line.startswith("results:") for line in lines) == 1
+    distill = json.loads((run_dir / "results.json").read_text())["results"]["distill"]
+    # Shards of 8, 7 and 6 clips: rank 0 reads 8 + 6, rank 1 reads 7 → 7 // 2 = 3 batches each, per epoch.
+    assert distill["steps"] == 2 * 3
+    with open(next(run_dir.glob("*/version_0/metrics.csv")), newline="") as handle:
+        clips = [float(row["val/clips"]) for row in csv.DictReader(handle) if row.get("val/clips")]
+    assert clips == [21.0, 21.0]
+    assert (tmp_path / "student.ckpt").is_file()

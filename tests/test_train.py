@@ -1,0 +1,100 @@
+"""Supervised training and the training machinery: the learning-rate schedule, averaging of the best checkpoints,
+EMA, the head's prior, ensemble members, reuse of exports and the guard against an unfinished run's leftovers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ced_train.__main__ import compose, run_stages
+from ced_train.lightning.callbacks import average_checkpoints
+from ced_train.lightning.fit import StageOutputError
+from ced_train.lightning.losses import LabelBCE
+from ced_train.lightning.module import TaggerModule
+from ced_train.lightning.schedules import warmup_cosine
+from ced_train.models import create_model, load_checkpoint
+
+
+def train_cfg(shards, out_dir, *extra):
+    return compose([
+        "stages=[train]", f"paths.root_dir={out_dir}", f"paths.output_dir={out_dir}/logs", f"train.out_dir={out_dir}",
+        f"data.train_shards={shards}", f"data.val_shards={shards}", "data.batch_size=4", "data.eval_batch_size=8",
+        "model@train.model=ced_test", "train.augment.clip_samples=32000", "train.trainer.max_epochs=2",
+        "train.optim.scheduler.warmup_steps=2", "callbacks.average_best.num_best=2",
+        "trainer=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=none", "~callbacks.lr_monitor", *extra,
+    ])
+
+
+def test_warmup_then_cosine_to_final_ratio():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    scheduler = warmup_cosine(optimizer, total_steps=12, warmup_steps=4, final_lr_ratio=0.1)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lrs[-1] == pytest.approx(0.2)  # 0.1 x lr at the last step
+    middle = 4 + (12 - 4 - 1) / 2  # cosine half-way: (1 + 0.1) / 2 x lr
+    assert (lrs[7] + lrs[8]) / 2 == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (middle - 4) / 7))),
+                                                  rel=0.05)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_cosine(optimizer, total_steps=10, warmup_steps=10)
+
+
+def test_average_checkpoints_means_floats_and_keeps_integer_buffers(tmp_path):
+    paths = []
+    for i, value in enumerate((1.0, 2.0, 6.0)):
+        state = {"model.w": torch.full((2,), value), "model.bn.num_batches_tracked": torch.tensor(10 + i),
+                 "other": torch.zeros(1)}
+        paths.append(tmp_path / f"{i}.ckpt")
+        torch.save({"state_dict": state}, paths[-1])
+    averaged = average_checkpoints(paths)
+    assert set(averaged) == {"w", "bn.num_batches_tracked"}
+    assert torch.equal(averaged["w"], torch.full((2,), 3.0))
+    assert averaged["bn.num_batches_tracked"].item() == 10
+
+
+def test_head_bias_prior_sets_the_log_odds_of_presence():
+    model = create_model("ced_test", num_classes=7, pooling="logit")
+    TaggerModule(model, "ced_test", LabelBCE(), torch.optim.AdamW, head_bias_prior=0.01)
+    assert torch.allclose(model.outputlayer[-1].bias, torch.full((7,), math.log(0.01 / 0.99)))
+    with pytest.raises(ValueError, match="pooling"):
+        TaggerModule(create_model("ced_test", pooling="mean"), "ced_test", LabelBCE(), torch.optim.AdamW)
+
+
+def test_members_train_with_their_own_seeds_and_export_loadable_models(synthetic_train_shards, tmp_path):
+    cfg = train_cfg(synthetic_train_shards, tmp_path, "train.members=2")
+    results, _ = run_stages(cfg)
+    members = results["train"]["members"]
+    assert [m["reused"] for m in members] == [False, False]
+    assert all(len(m["averaged_checkpoints"]) == 2 for m in members)  # the best 2 of 2 validations
+    models = [load_checkpoint(tmp_path / f"member{i}.ckpt") for i in range(2)]
+    assert all(m.pooling == "logit" and m.num_classes == 527 for m in models)
+    assert not torch.equal(models[0].patch_embed.proj.weight, models[1].patch_embed.proj.weight)
+    again, _ = run_stages(cfg)
+    assert [m["reused"] for m in again["train"]["members"]] == [True, True]
+    assert [m["fingerprint"] for m in again["train"]["members"]] == [m["fingerprint"] for m in members]
+
+
+def test_unfinished_run_leftovers_need_resume_or_overwrite(synthetic_train_shards, tmp_path):
+    leftovers = tmp_path / "member0" / "checkpoints"
+    leftovers.mkdir(parents=True)
+    (leftovers / "last.ckpt").write_bytes(b"")
+    with pytest.raises(StageOutputError, match="train.resume=auto"):
+        run_stages(train_cfg(synthetic_train_shards, tmp_path))
+
+
+def test_ema_weights_are_what_gets_exported(synthetic_train_shards, tmp_path):
+    cfg = train_cfg(synthetic_train_shards, tmp_path, "callbacks=ema",
+                    "~callbacks.average_best", "callbacks.model_checkpoint.save_top_k=1",
+                    "callbacks.ema.update_starting_at_step=0", "callbacks.ema.decay=0.5")
+    run_stages(cfg)
+    last = torch.load(tmp_path / "member0" / "checkpoints" / "last.ckpt", weights_only=False)
+    exported = torch.load(tmp_path / "member0.ckpt", weights_only=True)["ced_model"]["state_dict"]
+    key = "patch_embed.proj.weight"
+    assert torch.equal(exported[key], last["state_dict"][f"model.{key}"])  # Lightning stores the average here
+    assert not torch.equal(exported[key], last["current_model_state"][f"model.{key}"])
