@@ -52,7 +52,8 @@ def stage_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Callable[[], ob
                    for split in cfg.prepare.splits for i in range(len(cfg.prepare.splits[split].segments))]
         return inputs
     if stage == "train":
-        return [("data.train_shards", lambda: cfg.data.train_shards), ("data.val_shards", lambda: cfg.data.val_shards)]
+        return [("data.train_shards", lambda: cfg.data.train_shards), ("data.val_shards", lambda: cfg.data.val_shards)
+                ] + _init_checkpoint_input(cfg, "train")
     if stage == "teach":
         return [("data.train_shards", lambda: cfg.data.train_shards)] + [
             (f"teachers.checkpoints[{i}]", lambda i=i: cfg.teachers.checkpoints[i])
@@ -60,7 +61,7 @@ def stage_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Callable[[], ob
         ]
     if stage == "distill":
         return [("data.train_shards", lambda: cfg.data.train_shards), ("data.val_shards", lambda: cfg.data.val_shards),
-                ("store.path", lambda: cfg.store.path)]
+                ("store.path", lambda: cfg.store.path)] + _init_checkpoint_input(cfg, "distill")
     if stage == "evaluate":
         systems = systems_of(cfg)
         return [("evaluate.shards", lambda: cfg.evaluate.shards)] + [
@@ -68,6 +69,14 @@ def stage_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Callable[[], ob
             for name, paths in systems.items() for i, path in enumerate(paths)
         ]
     return []
+
+
+def _init_checkpoint_input(cfg: DictConfig, stage: str) -> list[tuple[str, Callable[[], object]]]:
+    """The `<stage>.init_checkpoint` input, when the stage starts from one (its raw value may interpolate an unset
+    path, which is reported like any other)."""
+    if OmegaConf.to_container(cfg[stage], resolve=False).get("init_checkpoint") is None:
+        return []
+    return [(f"{stage}.init_checkpoint", lambda: cfg[stage].init_checkpoint)]
 
 
 def stage_outputs(cfg: DictConfig, stage: str) -> list[str]:

@@ -152,12 +152,14 @@ def test_audioset_recipe_puts_the_paper_values_where_the_stages_read_them(recipe
     assert cfg.store.path.startswith(f"{tmp_path}/data/store/")
     assert list(cfg.teachers.checkpoints) == [f"{tmp_path}/ced/{name}" for name in TEACHER_FILES]
     assert cfg.teachers._target_ == "ced_train.teachers.load_ensemble" and cfg.teachers.averaging == "probs"
+    # The student starts from the MAE checkpoint of its size, as the paper's do.
+    assert cfg.distill.init_checkpoint == f"{tmp_path}/ced/audiotransformer_{size}_mae_as_10s.pt"
     segments = [path for source in cfg.prepare.splits.values() for path in source.segments]
     assert segments and all(path.startswith(f"{tmp_path}/audioset/") for path in segments)
 
 
 @pytest.mark.parametrize("subset", list(SUBSETS))
-def test_audioset_recipes_of_one_subset_differ_only_in_student_lr_and_name(subset, tmp_path, env):
+def test_audioset_recipes_of_one_subset_differ_only_in_student_lr_init_and_name(subset, tmp_path, env):
     def flat(recipe):
         return dict(_leaves(OmegaConf.to_container(compose_recipe(recipe, tmp_path), resolve=False)))
 
@@ -166,7 +168,7 @@ def test_audioset_recipes_of_one_subset_differ_only_in_student_lr_and_name(subse
         other = flat(f"audioset_{size}_{subset}")
         assert other.keys() == reference.keys()
         differing = {key for key in reference if reference[key] != other[key]}
-        expected = {"name", "distill.model.name"}
+        expected = {"name", "distill.model.name", "distill.init_checkpoint"}
         if SIZES[size]["lr"] != SIZES["tiny"]["lr"]:
             expected.add("distill.optim.optimizer.lr")
         assert differing == expected, size
@@ -205,6 +207,7 @@ def test_audioset_run_with_missing_paths_stops_before_any_stage_naming_path_and_
     assert f"prepare.splits.balanced_train.segments[0] = {empty}/balanced_train_segments.csv" in output
     # A path that is not set at all: the teachers, and the variable that sets their directory.
     assert "teachers.checkpoints[0]" in output and TEACHER_FILES[0] in output
+    assert "distill.init_checkpoint" in output and "audiotransformer_tiny_mae_as_10s.pt" in output
     assert "paths.checkpoints_dir is not set: set the environment variable CED_CHECKPOINTS_DIR" in output
     assert "stage prepare" not in output.replace("stage prepare reads", "")  # no stage started
     assert not (tmp_path / "root" / "data").exists()

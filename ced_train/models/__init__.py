@@ -10,6 +10,8 @@ from importlib import import_module
 _MODULE_OF = {
     "CEDModel": "ced",
     "CheckpointError": "checkpoint",
+    "InitSummary": "checkpoint",
+    "init_from_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "load_weights": "checkpoint",
     "read_checkpoint": "checkpoint",

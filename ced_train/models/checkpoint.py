@@ -8,6 +8,8 @@ This project's Lightning checkpoints hold the network under the `model.` prefix 
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +21,10 @@ from ced_train.models.registry import create_model, list_models, variant_dims
 # Buffers of torchaudio's MelSpectrogram inside the official `front_end` Sequential: recomputed here, so dropped.
 _FRONT_END_PREFIX = "front_end."
 _LIGHTNING_PREFIX = "model."
+# The classification head (LayerNorm + Linear): newly initialised when its shape differs, as in fine-tuning.
+_HEAD_PREFIX = "outputlayer."
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -87,6 +93,15 @@ def resize_pos_embed(table: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return nn.functional.interpolate(table, size=target, mode="bilinear", align_corners=False)
 
 
+def _resize_pos_tables(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the official front-end buffers, its positional tables resized to the model's."""
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(_FRONT_END_PREFIX)}
+    for name, dim in (("time_pos_embed", -1), ("freq_pos_embed", -2)):
+        if name in state_dict and name in own and state_dict[name].ndim == 4:
+            state_dict[name] = resize_pos_embed(state_dict[name], own[name].shape[dim], dim)
+    return state_dict
+
+
 def load_weights(model: CEDModel, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> CEDModel:
     """Load `state_dict` (official names) into `model` strictly, resizing positional tables of another length.
 
@@ -94,10 +109,7 @@ def load_weights(model: CEDModel, state_dict: dict[str, torch.Tensor], source: s
         CheckpointError: listing missing and unexpected keys, or naming a tensor whose shape differs.
     """
     own = model.state_dict()
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(_FRONT_END_PREFIX)}
-    for name, dim in (("time_pos_embed", -1), ("freq_pos_embed", -2)):
-        if name in state_dict and state_dict[name].ndim == 4:
-            state_dict[name] = resize_pos_embed(state_dict[name], own[name].shape[dim], dim)
+    state_dict = _resize_pos_tables(state_dict, own)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
@@ -130,3 +142,61 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
         kwargs["num_classes"] = head.shape[0]
     model = create_model(name, **{**kwargs, **model_kwargs})
     return load_weights(model, state_dict, str(path)).eval()
+
+
+@dataclass(frozen=True)
+class InitSummary:
+    """What `init_from_checkpoint` did, by tensor name: copied from the file, left at the model's own
+    initialisation, or present in the file but not used (an MAE decoder, mask tokens, front-end buffers)."""
+
+    source: str
+    loaded: tuple[str, ...]
+    new: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+    @property
+    def head_loaded(self) -> bool:
+        return any(key.startswith(_HEAD_PREFIX) for key in self.loaded) and not any(
+            key.startswith(_HEAD_PREFIX) for key in self.new)
+
+    def __str__(self) -> str:
+        def names(keys: tuple[str, ...]) -> str:
+            return ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        return (f"init from {self.source}: loaded {len(self.loaded)} tensors; new {len(self.new)} [{names(self.new)}]; "
+                f"skipped {len(self.skipped)} [{names(self.skipped)}]")
+
+
+def init_from_checkpoint(model: CEDModel, path: str | Path) -> InitSummary:
+    """Initialise `model` from any checkpoint `read_checkpoint` reads (official, MAE, bare, this project's).
+
+    Backbone tensors are matched by name and must agree in shape (positional tables are resized as the official
+    code does); the head is kept newly initialised when its shape differs (other classes); tensors the model does not
+    have are skipped. Unlike `load_weights`, tensors the file lacks keep the model's initialisation.
+
+    Raises:
+        CheckpointError: a backbone tensor of another shape (another model size), or no backbone tensor matched.
+    """
+    state_dict, _ = read_checkpoint(path)
+    source = str(path)
+    own = model.state_dict()
+    skipped = sorted(key for key in state_dict if key.startswith(_FRONT_END_PREFIX) or key not in own)
+    state_dict = {key: value for key, value in _resize_pos_tables(state_dict, own).items() if key in own}
+    loaded, new = {}, []
+    head_matches = all(state_dict.get(key) is not None and state_dict[key].shape == value.shape
+                       for key, value in own.items() if key.startswith(_HEAD_PREFIX))
+    for key, value in own.items():
+        if key not in state_dict or (key.startswith(_HEAD_PREFIX) and not head_matches):
+            new.append(key)
+        elif state_dict[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: backbone tensor {key!r} has shape {tuple(state_dict[key].shape)}, the model expects "
+                f"{tuple(value.shape)} (a checkpoint of another model size?)")
+        else:
+            loaded[key] = state_dict[key]
+    skipped += sorted(key for key in state_dict if key.startswith(_HEAD_PREFIX) and key in new)
+    if not any(not key.startswith(_HEAD_PREFIX) for key in loaded):
+        raise CheckpointError(f"{source}: no tensor matches the model's backbone by name: not a CED checkpoint?")
+    model.load_state_dict(loaded, strict=False)
+    summary = InitSummary(source, tuple(sorted(loaded)), tuple(sorted(new)), tuple(sorted(skipped)))
+    log.info("%s", summary)
+    return summary

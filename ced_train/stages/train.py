@@ -18,6 +18,7 @@ from ced_train.data import read_manifest
 from ced_train.lightning.data import ViewsDataModule
 from ced_train.lightning.fit import fit_and_export, resolve_resume, reusable
 from ced_train.lightning.module import TaggerModule
+from ced_train.models import init_from_checkpoint
 from ced_train.stages import build_trainer, fingerprint, training_identity
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
 
         pl.seed_everything(seed, workers=True)
         model = instantiate(stage.model, num_classes=train_manifest.num_classes)
+        init = init_from_checkpoint(model, stage.init_checkpoint) if stage.init_checkpoint else None
         module = TaggerModule(
             model,
             model_name=stage.model.name,
@@ -57,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
             scheduler=instantiate(stage.optim.scheduler),
             seed=seed,
             compile=stage.compile,
-            head_bias_prior=stage.head_bias_prior,
+            head_bias_prior=None if init is not None and init.head_loaded else stage.head_bias_prior,
         )
         datamodule = ViewsDataModule(
             train_shards=cfg.data.train_shards,
