@@ -114,11 +114,17 @@ class AugmentConfig:
         return [f"{name}: {mine[name]!r} != {theirs[name]!r}" for name in mine if mine[name] != theirs[name]]
 
 
-def view_generator(seed: int, key: str, view: int) -> np.random.Generator:
-    """The counter-based generator of one (seed, clip key, view): Philox keyed by blake2b of the three."""
-    digest = hashlib.blake2b(
-        f"{seed}\x1f{key}\x1f{view}".encode(), digest_size=16, person=b"ced-augment-v1"
-    ).digest()
+TEACH = "teach"  # the purpose of the teacher pass's views, which the store holds
+
+
+def view_generator(seed: int, key: str, view: int, purpose: str = TEACH) -> np.random.Generator:
+    """The counter-based generator of one (purpose, seed, clip key, view): Philox keyed by blake2b of the four.
+
+    Each purpose is its own stream: views drawn for supervised training never equal the teacher pass's views, even
+    with equal seeds. The teacher pass's key leaves its purpose out (stores made before purposes stay checkable).
+    """
+    name = f"{seed}\x1f{key}\x1f{view}" if purpose == TEACH else f"{purpose}\x1f{seed}\x1f{key}\x1f{view}"
+    digest = hashlib.blake2b(name.encode(), digest_size=16, person=b"ced-augment-v1").digest()
     return np.random.Generator(np.random.Philox(key=np.frombuffer(digest, dtype="<u8")))
 
 
@@ -130,7 +136,9 @@ def block_bounds(row: int, shard_clips: int, block_clips: int) -> tuple[int, int
     return start, min(start + block_clips, shard_clips)
 
 
-def sample_view(config: AugmentConfig, seed: int, key: str, view: int, row: int, shard_clips: int) -> np.void:
+def sample_view(
+    config: AugmentConfig, seed: int, key: str, view: int, row: int, shard_clips: int, purpose: str = TEACH
+) -> np.void:
     """Parameters of one (clip, view) as a `VIEW_PARAMS_DTYPE` record.
 
     Args:
@@ -139,9 +147,11 @@ def sample_view(config: AugmentConfig, seed: int, key: str, view: int, row: int,
         row: the clip's row in its shard's stored order; `shard_clips` the shard's clip count. Both define the
             mixup block the partner is drawn from.
 
+        purpose: the stream of draws (`view_generator`).
+
     Every draw is always made, in a fixed order, so switching one augmentation off leaves the others unchanged.
     """
-    rng = view_generator(seed, key, view)
+    rng = view_generator(seed, key, view, purpose)
     frames = config.frames
     record = np.zeros((), dtype=VIEW_PARAMS_DTYPE)
 
@@ -170,12 +180,13 @@ def sample_view(config: AugmentConfig, seed: int, key: str, view: int, row: int,
 
 
 def sample_views(
-    config: AugmentConfig, seed: int, keys: list[str], views: list[int], rows: list[int], shard_clips: int
+    config: AugmentConfig, seed: int, keys: list[str], views: list[int], rows: list[int], shard_clips: int,
+    purpose: str = TEACH,
 ) -> np.ndarray:
     """`sample_view` for parallel lists of keys, views and rows of one shard → `(n,) VIEW_PARAMS_DTYPE`."""
     params = np.empty(len(keys), dtype=VIEW_PARAMS_DTYPE)
     for i, (key, view, row) in enumerate(zip(keys, views, rows, strict=True)):
-        params[i] = sample_view(config, seed, key, view, row, shard_clips)
+        params[i] = sample_view(config, seed, key, view, row, shard_clips, purpose)
     return params
 
 
@@ -283,11 +294,13 @@ def params_from_columns(columns: dict) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ViewSampler:
-    """Fresh parameters from `config`, keyed by (`seed`, clip key, view): the teacher pass uses one to make the
-    stored views; student training without consistency uses one with another seed."""
+    """Fresh parameters from `config`, keyed by (`purpose`, `seed`, clip key, view): the teacher pass uses one to
+    make the stored views; distillation without consistency one with another seed; supervised training one of
+    purpose `"train"`."""
 
     config: AugmentConfig
     seed: int
+    purpose: str = TEACH
 
     def sample(self, keys: list[str], views: list[int], rows: list[int], shard_clips: int) -> np.ndarray:
-        return sample_views(self.config, self.seed, keys, views, rows, shard_clips)
+        return sample_views(self.config, self.seed, keys, views, rows, shard_clips, self.purpose)

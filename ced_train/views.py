@@ -135,19 +135,53 @@ class ViewDataset(IterableDataset):
     def rank_shards(self) -> list[ShardInfo]:
         return self.shards[self.rank :: self.world_size]
 
+    @property
+    def num_clips(self) -> int:
+        return sum(shard.num_samples for shard in self.shards)
+
     def __len__(self) -> int:
         """Items (not batches) this rank yields per epoch."""
         return sum(shard.num_samples for shard in self.rank_shards()) * len(self.epoch_views())
 
-    def __iter__(self) -> Iterator[dict]:
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        shards = self.rank_shards()
+    def epoch_shards(self, shards: Sequence[ShardInfo]) -> list[ShardInfo]:
+        """`shards` in this epoch's reading order: as given, or shuffled by `(seed, epoch)`."""
+        shards = list(shards)
         if self.shuffle:
             random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(shards)
-        for shard in shards[worker_id::num_workers]:
-            items = self._shard_items(shard)
+        return shards
+
+    def __iter__(self) -> Iterator[dict]:
+        """Every item of this rank's shards; DataLoader workers take whole shards in turn."""
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for shard in self.epoch_shards(self.rank_shards())[worker_id::num_workers]:
+            whole = [(start, 0, self.augment.mixup_block_clips)
+                     for start in range(0, shard.num_samples, self.augment.mixup_block_clips)]
+            items = self._shard_items(shard, whole)
             yield from (items if self.batch_size is None else _batches(items, self.batch_size))
+
+    def render(self, start: int, stop: int) -> Iterator[dict]:
+        """The items of clips `[start, stop)` of this epoch's clip order over all shards.
+
+        That order is: shards in `epoch_shards` order, their mixup blocks in stored order, each block's clips in its
+        epoch order (shuffled with `shuffle`). Only the blocks that hold those clips are read and rendered, so
+        consumers that render disjoint ranges (ranks, DataLoader workers) share at most their boundary blocks.
+        """
+        block = self.augment.mixup_block_clips
+        selected: list[tuple[ShardInfo, list[tuple[int, int, int]]]] = []
+        offset = 0
+        for shard in self.epoch_shards(self.shards):
+            if offset + shard.num_samples > start and offset < stop:
+                picks = []
+                for block_start in range(0, shard.num_samples, block):
+                    size = min(block, shard.num_samples - block_start)
+                    lo, hi = max(start - offset - block_start, 0), min(stop - offset - block_start, size)
+                    if lo < hi:
+                        picks.append((block_start, lo, hi))
+                selected.append((shard, picks))
+            offset += shard.num_samples
+        for shard, picks in selected:
+            yield from self._shard_items(shard, picks)
 
     def log_mel(self, waveform: np.ndarray) -> torch.Tensor:
         """One clip's fixed-length chunk → `(64, frames)` float32 dB, computed alone (batch of one)."""
@@ -157,12 +191,14 @@ class ViewDataset(IterableDataset):
         with torch.inference_mode():
             return self._front_end(chunk[None])[0]
 
-    def _shard_items(self, shard: ShardInfo) -> Iterator[dict]:
+    def _shard_items(self, shard: ShardInfo, picks: Sequence[tuple[int, int, int]]) -> Iterator[dict]:
+        """Items of `shard`'s consecutive mixup blocks `picks`: for each `(block_start, lo, hi)`, the clips at places
+        `[lo, hi)` of the block's epoch order."""
         block = self.augment.mixup_block_clips
         views = self.epoch_views()
         store_start = self._store_rows(shard)
-        clips = iter_shard(shard.path)
-        for block_start in range(0, shard.num_samples, block):
+        clips = iter_shard(shard.path, picks[0][0], min(picks[-1][0] + block, shard.num_samples))
+        for block_start, lo, hi in picks:
             block_clips = list(islice(clips, block))
             expected = shard.keys[block_start : block_start + block]
             if [clip.key for clip in block_clips] != list(expected):
@@ -179,7 +215,7 @@ class ViewDataset(IterableDataset):
             order = list(range(len(block_clips)))
             if self.shuffle:
                 random.Random(f"{self.seed}/{self.epoch}/{shard.name}/{block_start}").shuffle(order)
-            for pos in order:
+            for pos in order[lo:hi]:
                 for view in views:
                     if self.sampler is not None:
                         counter = view if self.views is not None else self.epoch

@@ -184,21 +184,27 @@ def _split_member_name(name: str, shard: str) -> tuple[str, str]:
     return key, ext.lower()
 
 
-def iter_shard(path: str | Path) -> Iterator[Clip]:
-    """Decode every clip of one shard, in stored order (a sequential read of the tar)."""
+def iter_shard(path: str | Path, start: int = 0, stop: int | None = None) -> Iterator[Clip]:
+    """Decode the clips of rows `[start, stop)` of one shard (default: all), in stored order.
+
+    A sequential read of the tar: rows before `start` are read but not decoded, and reading ends at `stop`.
+    """
     path = Path(path)
-    current_key, members = None, {}
+    row, current_key, members = -1, None, {}
     with tarfile.open(path, "r|") as tar:
         for info in tar:
             if not info.isreg():
                 continue
             key, ext = _split_member_name(info.name, path.name)
             if key != current_key:
-                if current_key is not None:
+                if current_key is not None and row >= start:
                     yield decode_sample(current_key, members, path.name)
-                current_key, members = key, {}
-            members[ext] = tar.extractfile(info).read()
-    if current_key is not None:
+                row, current_key, members = row + 1, key, {}
+                if stop is not None and row >= stop:
+                    return
+            if row >= start:
+                members[ext] = tar.extractfile(info).read()
+    if current_key is not None and row >= start:
         yield decode_sample(current_key, members, path.name)
 
 

@@ -1,56 +1,78 @@
-"""Streaming shards for training: shard order shuffle, node/worker split, buffer shuffle, decode, and batching."""
+"""Streaming labelled clips for scoring (validation, evaluate): every clip exactly once across ranks and DataLoader
+workers, equal batch counts per rank, padding, and batching."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
-import webdataset as wds
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ced_train.data.manifest import Manifest
-from ced_train.data.shards import Clip, decode_sample
+from ced_train.data.shards import Clip, iter_shard
+
+PADDING_SAMPLES = 1600  # 0.1 s of silence: the waveform of a padding clip
+
+
+def contiguous_part(total: int, index: int, parts: int) -> tuple[int, int]:
+    """`[start, stop)` of part `index` when `total` items are cut into `parts` contiguous parts whose sizes differ by
+    at most one (the larger ones first)."""
+    if not 0 <= index < parts:
+        raise ValueError(f"part {index} outside 0..{parts - 1}")
+    size, extra = divmod(total, parts)
+    start = index * size + min(index, extra)
+    return start, start + size + (index < extra)
+
+
+def padding_clip() -> Clip:
+    """A stand-in clip that keeps batch counts equal across ranks; `ClipBatch.padding` marks it for dropping."""
+    return Clip("", torch.zeros(PADDING_SAMPLES), [], {"padding": True}, "")
 
 
 class ClipStream(IterableDataset):
-    """Clips from a list of shards, as `Clip`s whose `waveform` is a (samples,) float32 torch tensor at 16 kHz.
+    """The clips of a shard directory as `Clip`s whose `waveform` is a (samples,) float32 torch tensor at 16 kHz.
 
-    Each epoch, the shard list is shuffled with a seed derived from `(seed, epoch)` only, so every rank and worker sees
-    the same order; ranks then take every world_size-th shard and DataLoader workers every num_workers-th of those
-    (webdataset's `split_by_node` / `split_by_worker`, which read RANK/WORLD_SIZE or torch.distributed). Within a
-    worker, samples pass through a shuffle buffer of `shuffle_buffer` clips seeded by `(seed, epoch, rank, worker)`.
-    With fewer shards than ranks x workers some consumers get nothing: equal batch counts per rank are the trainer's
-    job (e.g. a fixed number of steps per epoch).
+    Each epoch the clip sequence (shards in manifest order, or shuffled with a seed of `(seed, epoch)` only, so every
+    rank and worker agrees on it) is cut into `world_size` contiguous parts whose sizes differ by at most one, and a
+    rank's part into one contiguous part per DataLoader worker: every clip is read once, by one consumer, for any
+    number of ranks and workers, whatever the shard count. With `pad`, every rank yields `ceil(clips / world_size)`
+    items, the missing ones as `padding_clip()`s at its end, so that every rank (and each of its workers) runs the same
+    number of batches (DDP: a rank without a batch would skip collectives); drop them with `ClipBatch.padding`.
+    Within a worker, clips pass through a shuffle buffer of `shuffle_buffer` clips seeded by `(seed, epoch, rank,
+    worker)`.
 
     Args:
-        source: a Manifest (local shards) or shard paths/URLs (anything webdataset opens, e.g. `pipe:aws s3 cp ... -`).
-        shuffle_shards: shuffle the shard order each epoch; off, shards are read in the given order.
+        manifest: the shards (their clip counts place the parts).
+        rank, world_size: this process's part; (0, 1) reads everything.
+        pad: pad every rank to the same number of items (see above).
+        shuffle_shards: shuffle the shard order each epoch; off, shards are read in manifest order.
         shuffle_buffer: clips held for shuffling within a worker; 0 or 1 keeps the stored order.
         seed: base seed of both shuffles.
     """
 
     def __init__(
         self,
-        source: Manifest | Sequence[str | Path],
+        manifest: Manifest,
         *,
-        shuffle_shards: bool = True,
-        shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = False,
+        shuffle_shards: bool = False,
+        shuffle_buffer: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(source, Manifest):
-            self.urls = [str(path) for path in source.shard_paths]
-            self.num_samples: int | None = source.num_samples
-        else:
-            self.urls = [str(url) for url in source]
-            self.num_samples = None
-        if not self.urls:
-            raise ValueError("ClipStream needs at least one shard, got an empty list")
+        if not manifest.shards:
+            raise ValueError(f"{manifest.root} holds no shards")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.shards = list(manifest.shards)
+        self.num_samples = manifest.num_samples
+        self.rank, self.world_size, self.pad = rank, world_size, pad
         self.shuffle_shards = shuffle_shards
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -64,25 +86,55 @@ class ClipStream(IterableDataset):
     def epoch(self) -> int:
         return int(self._epoch)
 
-    def shard_order(self, epoch: int) -> list[str]:
-        """The shard list for `epoch` before the node/worker split (identical on every rank and worker)."""
-        urls = list(self.urls)
+    def __len__(self) -> int:
+        """Items this rank yields per epoch (padding included)."""
+        start, stop = contiguous_part(self.num_samples, self.rank, self.world_size)
+        return -(-self.num_samples // self.world_size) if self.pad else stop - start
+
+    def shard_order(self, epoch: int) -> list:
+        """The epoch's shards (`ShardInfo`s), identical on every rank and worker."""
+        shards = list(self.shards)
         if self.shuffle_shards:
-            random.Random(f"shards:{self.seed}:{epoch}").shuffle(urls)
-        return urls
+            random.Random(f"shards:{self.seed}:{epoch}").shuffle(shards)
+        return shards
+
+    def _clips(self, shards: Sequence, start: int, stop: int) -> Iterator[Clip]:
+        """Clips at positions `[start, stop)` of the sequence of `shards`' clips."""
+        offset = 0
+        for shard in shards:
+            first, last = max(start - offset, 0), min(stop - offset, shard.num_samples)
+            if first < last:
+                yield from iter_shard(shard.path, first, last)
+            offset += shard.num_samples
 
     def __iter__(self) -> Iterator[Clip]:
         epoch = self.epoch
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        shards = wds.split_by_worker(wds.split_by_node([{"url": url} for url in self.shard_order(epoch)]))
-        samples = wds.tarfile_samples(shards)
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        rank_start, rank_stop = contiguous_part(self.num_samples, self.rank, self.world_size)
+        # Workers split the rank's items, padding included, so that every rank's workers hold equal shares.
+        start, stop = contiguous_part(len(self), worker_id, num_workers)
+        real_stop = min(stop, rank_stop - rank_start)
+        clips = self._clips(self.shard_order(epoch), rank_start + start, rank_start + real_stop)
         if self.shuffle_buffer > 1:
-            rng = random.Random(f"clips:{self.seed}:{epoch}:{rank}:{worker}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        for sample in samples:
-            clip = decode_sample(sample["__key__"], sample, Path(sample["__url__"]).name)
+            rng = random.Random(f"clips:{self.seed}:{epoch}:{self.rank}:{worker_id}")
+            clips = _shuffled(clips, self.shuffle_buffer, rng)
+        for clip in clips:
             clip.waveform = torch.from_numpy(clip.waveform)
             yield clip
+        for _ in range(stop - max(start, real_stop)):
+            yield padding_clip()
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Items through a buffer of `size`: each output is drawn uniformly from the buffer, which refills from `items`."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 @dataclass
@@ -92,6 +144,7 @@ class ClipBatch:
     waveform: (batch, max_samples) float32 at 16 kHz, zero-padded after each clip's end.
     lengths: (batch,) int64, each clip's real number of samples.
     labels: (batch, num_classes) float32 multi-hot.
+    padding: (batch,) bool, True for padding clips (`padding_clip`), which scoring drops.
     """
 
     waveform: torch.Tensor
@@ -100,6 +153,7 @@ class ClipBatch:
     keys: list[str]
     shards: list[str]
     meta: list[dict]
+    padding: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -107,7 +161,8 @@ class ClipBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ClipBatch:
         return replace(self, waveform=self.waveform.to(device, non_blocking=non_blocking),
                        lengths=self.lengths.to(device, non_blocking=non_blocking),
-                       labels=self.labels.to(device, non_blocking=non_blocking))
+                       labels=self.labels.to(device, non_blocking=non_blocking),
+                       padding=self.padding.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> ClipBatch:  # called by DataLoader(pin_memory=True)
         return replace(self, waveform=self.waveform.pin_memory(), lengths=self.lengths.pin_memory(),
@@ -135,4 +190,4 @@ def collate_clips(clips: Sequence[Clip], num_classes: int) -> ClipBatch:
                 raise ValueError(f"clip {clip['key']!r}: label index {index} outside 0..{num_classes - 1}")
             labels[row, index] = 1.0
     return ClipBatch(batch, lengths, labels, [c["key"] for c in clips], [c["shard"] for c in clips],
-                     [c["meta"] for c in clips])
+                     [c["meta"] for c in clips], torch.tensor([bool(c["meta"].get("padding")) for c in clips]))

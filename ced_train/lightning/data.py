@@ -3,8 +3,9 @@ labelled full-length validation clips (`ced_train.data.ClipStream`).
 
 Training reads one view per clip per epoch: with a teacher store, view `epoch % V` with its stored augmentation
 (replay, consistent) or fresh parameters against the same stored targets (`consistent=False`); without a store,
-fresh parameters and the clips' labels (supervised). Every rank runs the same number of batches per epoch (DDP needs
-it; ranks hold whole shards, so their clip counts differ): see `EqualBatches`.
+fresh parameters and the clips' labels (supervised). Ranks and DataLoader workers split the epoch's clips, not whole
+shards, and every rank runs the same number of batches (DDP needs it): see `EqualBatches`; validation likewise splits
+by clip and pads every rank to the same number of batches (`ClipStream(pad=True)`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ced_train.augment import AugmentConfig, ViewSampler
 from ced_train.data import ClipStream, collate_clips, read_manifest
+from ced_train.data.stream import contiguous_part
 from ced_train.lightning.batches import DistillBatch, SupervisedBatch
 from ced_train.store import TeacherStore
 from ced_train.views import ViewDataset
@@ -44,39 +46,47 @@ def collate_distill(items: list[dict]) -> DistillBatch:
 
 
 class EqualBatches(IterableDataset):
-    """Exactly `num_batches` batches of `batch_size` items per epoch from `dataset` on every rank.
+    """`num_batches` batches of `batch_size` items per epoch on every rank, all ranks' clips disjoint.
 
-    DataLoader workers take turns, so worker `w` of `W` yields `num_batches // W` batches plus one if
-    `w < num_batches % W`. A worker whose shards run out before its share starts them again (a few clips seen twice
-    in that epoch); one with more stops early (a few clips skipped, others next epoch as the shard order changes).
-    Use with `DataLoader(batch_size=None)`; `len()` is `num_batches`.
+    The epoch's clip order (`ViewDataset.render`) is cut into `world_size` contiguous parts of `num_batches *
+    batch_size` clips, leaving out its last `clips % (world_size * batch_size)` (fewer than `world_size * batch_size`,
+    others every epoch as the order changes), and a rank's batches into one contiguous run per DataLoader worker,
+    whatever the shard count. Workers take turns, so batch `i` of the loader is batch `i // W` of the run of turn
+    `i % W`. `resume_at(epoch, done)` makes that epoch's next iterator yield only the batches after its first `done`
+    (which a mid-epoch checkpoint had trained on), in the same order. Use with `DataLoader(batch_size=None)`; `len()` is `num_batches`.
     """
 
-    def __init__(self, dataset: ViewDataset, batch_size: int, num_batches: int, collate: Callable[[list], object]):
+    def __init__(self, dataset: ViewDataset, batch_size: int, rank: int, world_size: int,
+                 collate: Callable[[list], object]) -> None:
         super().__init__()
         self.dataset = dataset
         self.batch_size = batch_size
-        self.num_batches = num_batches
+        self.rank = rank
+        self.num_batches = dataset.num_clips // (world_size * batch_size)
+        if self.num_batches == 0:
+            raise ValueError(f"{dataset.num_clips} training clips are fewer than one batch of {batch_size} per rank "
+                             f"on {world_size} rank(s): lower data.batch_size")
         self.collate = collate
+        self._resume = (0, 0)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def _items(self) -> Iterator[dict]:
-        while True:
-            empty = True
-            for item in self.dataset:
-                empty = False
-                yield item
-            if empty:
-                raise RuntimeError("a DataLoader worker got no training shards: lower data.num_workers")
+    def resume_at(self, epoch: int, done: int) -> None:
+        self._resume = (epoch, done)
 
     def __iter__(self) -> Iterator[object]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        share = self.num_batches // num_workers + (worker_id < self.num_batches % num_workers)
-        items = self._items()
-        for _ in range(share):
+        resume_epoch, done = self._resume
+        done = done if self.dataset.epoch == resume_epoch else 0
+        # The loader asks worker 0 first: after `done` batches, that is the turn of the worker who had batch `done`.
+        turn = (worker_id + done) % num_workers
+        first, stop = contiguous_part(self.num_batches, turn, num_workers)
+        first += len(range(turn, done, num_workers))  # that worker's batches among the first `done`
+        rank_start = self.rank * self.num_batches * self.batch_size
+        items = self.dataset.render(rank_start + first * self.batch_size, rank_start + stop * self.batch_size)
+        for _ in range(first, stop):
             yield self.collate(list(islice(items, self.batch_size)))
 
 
@@ -86,12 +96,13 @@ class ViewsDataModule(pl.LightningDataModule):
     Args:
         train_shards, val_shards: shard directories (validation shards must be labelled).
         batch_size: training clips per batch on each rank; eval_batch_size: validation clips per batch.
-        num_workers: DataLoader workers (each renders whole shards; at most the shards per rank).
+        num_workers: DataLoader workers per rank (any number: they split the rank's clips).
         seed: seed of the shard and clip shuffles.
         store: teacher store (distillation) or None (supervised training on labels).
         consistent: with a store, replay its views (True) or draw fresh ones with `fresh_seed` (False).
         augment: the augmentation of fresh views without a store (supervised training).
-        fresh_seed: seed of fresh views; must differ from the store's seed.
+        fresh_seed: seed of fresh views; with a store it must differ from the store's seed. Without one, views come
+            from the stream of purpose "train", which never repeats the teacher pass's views.
     """
 
     def __init__(
@@ -124,35 +135,27 @@ class ViewsDataModule(pl.LightningDataModule):
 
     def _sampler(self) -> ViewSampler | None:
         if self.store is None:
-            return ViewSampler(self.augment, self.fresh_seed)
+            return ViewSampler(self.augment, self.fresh_seed, purpose="train")
         if self.consistent:
             return None
         return ViewSampler(TeacherStore(self.store).spec.augment, self.fresh_seed)
 
     def setup(self, stage: str) -> None:
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.rank, self.world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.val_manifest = read_manifest(self.val_shards)
         if not self.val_manifest.labelled:
             raise ValueError(f"validation shards {self.val_shards} hold no labels: mAP needs labelled clips")
         if stage != "fit":
             return
-        self.train_set = ViewDataset(
-            self.train_shards, store=self.store, sampler=self._sampler(), shuffle=True, seed=self.seed,
-            rank=rank, world_size=world_size,
-        )
-        # ViewDataset gives rank r the shards [r::world_size]; the smallest share sets the batches of every rank.
-        shares = [self.train_set.shards[r::world_size] for r in range(world_size)]
-        fewest_shards = min(len(share) for share in shares)
-        if fewest_shards < max(self.num_workers, 1):
-            raise ValueError(
-                f"{self.train_shards}: {len(self.train_set.shards)} shards give a rank {fewest_shards}, fewer than "
-                f"data.num_workers={self.num_workers} (or none): lower data.num_workers or re-shard with more shards"
-            )
-        fewest_clips = min(sum(shard.num_samples for shard in share) for share in shares)
-        self.num_batches = fewest_clips // self.batch_size
-        if self.num_batches == 0:
-            raise ValueError(f"{self.train_shards}: a rank gets {fewest_clips} clips, fewer than one batch of "
-                             f"data.batch_size={self.batch_size}")
+        self.train_set = ViewDataset(self.train_shards, store=self.store, sampler=self._sampler(), shuffle=True,
+                                     seed=self.seed)
+        collate = collate_supervised if self.store is None else collate_distill
+        self.train_batches = EqualBatches(self.train_set, self.batch_size, self.rank, self.world_size, collate)
+
+    @property
+    def num_batches(self) -> int:
+        """Training batches per epoch on every rank."""
+        return self.train_batches.num_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shuffle and view; the DataLoader's workers copy it when the epoch's iterator starts."""
@@ -162,10 +165,15 @@ class ViewsDataModule(pl.LightningDataModule):
         # Called once when fitting starts, also when resuming, and that first iterator (whose workers copy the
         # dataset) serves the first epoch to run: the epoch Lightning is about to process, which on resuming from an
         # end-of-epoch checkpoint is one past `current_epoch` (the epoch's completion is only counted after that).
-        self.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
-        collate = collate_supervised if self.store is None else collate_distill
+        # A mid-epoch checkpoint's epoch continues after the batches it had trained on.
+        epoch, done = 0, 0
+        if self.trainer:
+            epoch = self.trainer.fit_loop.epoch_progress.current.processed
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        self.set_epoch(epoch)
+        self.train_batches.resume_at(epoch, done if done < self.num_batches else 0)
         return DataLoader(
-            EqualBatches(self.train_set, self.batch_size, self.num_batches, collate),
+            self.train_batches,
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=False,
@@ -174,9 +182,9 @@ class ViewsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            ClipStream(self.val_manifest, shuffle_shards=False, shuffle_buffer=0),
+            ClipStream(self.val_manifest, rank=self.rank, world_size=self.world_size, pad=True),
             batch_size=self.eval_batch_size,
             collate_fn=partial(collate_clips, num_classes=self.val_manifest.num_classes),
-            num_workers=min(self.num_workers, len(self.val_manifest.shards)),
+            num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

@@ -68,8 +68,8 @@ class TaggerModule(pl.LightningModule):
         loss: `LabelBCE` for `SupervisedBatch`es, `TopKBCE` / `TopKKL` for `DistillBatch`es.
         optimizer: partial optimiser taking parameter groups.
         scheduler: partial `(optimizer, total_steps) -> LRScheduler`, stepped every optimiser step; None for none.
-        seed: base of the per-epoch seed of the global torch generator (dropout, drop-path), so that a run resumed
-            at an epoch boundary draws what the uninterrupted run would have drawn.
+        seed: base of the per-batch seed of the global torch generator (dropout, drop-path), so that a run resumed
+            from any checkpoint, mid-epoch too, draws what the uninterrupted run would have drawn.
         compile: run the training forward through `torch.compile`.
         head_bias_prior: when set, initialise the head's biases to `logit(head_bias_prior)`, the log-odds of a
             class being present (Lin et al. 2017, "Focal loss", section 4.1). With hundreds of classes that are
@@ -112,8 +112,11 @@ class TaggerModule(pl.LightningModule):
             self._train_forward = torch.compile(self.model.forward_spectrogram)
 
     def on_train_epoch_start(self) -> None:
-        torch.manual_seed((self.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank)
         self.trainer.datamodule.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch: SupervisedBatch | DistillBatch, batch_idx: int) -> None:
+        torch.manual_seed(((self.seed * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx) * 1009
+                          + self.global_rank)
 
     def training_step(self, batch: SupervisedBatch | DistillBatch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self._train_forward(batch.mel_db), batch)
@@ -123,8 +126,9 @@ class TaggerModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: ClipBatch, batch_idx: int) -> None:
-        self._val_probs.append(clip_probabilities(self.model, batch.waveform, batch.lengths))
-        self._val_targets.append(batch.labels)
+        real = ~batch.padding
+        self._val_probs.append(clip_probabilities(self.model, batch.waveform[real], batch.lengths[real]))
+        self._val_targets.append(batch.labels[real])
 
     def on_validation_epoch_end(self) -> None:
         num_classes = self.model.num_classes

@@ -1,7 +1,8 @@
 """Stage `evaluate`: mAP, mAUC and d-prime of systems (one checkpoint, or several averaged in probability space)
 on labelled shards, full-length clips chunked as the model does; per-class AP tables as CSV with display names.
 
-Runs in the process of global rank 0 only (other ranks of a multi-process run return at once).
+Runs in the process of global rank 0 only (other ranks of a multi-process run return at once), which reads every clip
+itself, whatever the world size of the run around it, and checks that it scored as many clips as the manifest holds.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"evaluate.shards={stage.shards} holds no labels")
     device = torch.device("cuda" if stage.device == "auto" and torch.cuda.is_available() else
                           "cpu" if stage.device == "auto" else stage.device)
-    autocast_dtype = AUTOCAST_DTYPES[stage.precision] if device.type == "cuda" else None
+    autocast_dtype = AUTOCAST_DTYPES[stage.precision]
     checkpoints = sorted({path for paths in systems.values() for path in paths})
     models = {path: load_checkpoint(path).to(device) for path in checkpoints}
     for path, model in models.items():
@@ -56,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
                              f"{manifest.num_classes} classes")
 
     loader = DataLoader(
-        ClipStream(manifest, shuffle_shards=False, shuffle_buffer=0),
+        ClipStream(manifest),
         batch_size=stage.batch_size,
         collate_fn=partial(collate_clips, num_classes=manifest.num_classes),
         num_workers=min(stage.num_workers, len(manifest.shards)),
@@ -71,6 +72,9 @@ def run(cfg: DictConfig) -> dict:
                 probs[path].append(clip_probabilities(model, waveform, lengths).cpu().numpy())
             labels.append(batch.labels.numpy())
     targets = np.concatenate(labels)
+    if len(targets) != manifest.num_samples:
+        raise RuntimeError(f"evaluate scored {len(targets)} clips, evaluate.shards={stage.shards} holds "
+                           f"{manifest.num_samples}")
     outputs = {path: np.concatenate(chunks) for path, chunks in probs.items()}
 
     out_dir = Path(stage.out_dir)
