@@ -32,3 +32,22 @@ def make_shards(out_dir: Path, durations_s: list[float], samples_per_shard: int,
     build_shards(rows, out_dir, classes, tool="test", labelled=True, samples_per_shard=samples_per_shard,
                  workers=1, seed=seed, progress=False)
     return out_dir
+
+
+class KillAtStep:
+    """A Lightning callback (`+callbacks.kill._target_=helpers.KillAtStep +callbacks.kill.step=N`) that SIGKILLs its
+    own process when batch N + 1 is about to train, i.e. after step N's checkpoints were written: a crash, not a
+    shutdown (nothing is flushed or saved)."""
+
+    def __new__(cls, step: int):
+        import os
+        import signal
+
+        from lightning.pytorch.callbacks import Callback
+
+        class _Kill(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Kill()

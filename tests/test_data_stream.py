@@ -27,7 +27,7 @@ def test_unshuffled_stream_yields_every_clip_once_in_stored_order_as_torch(manif
 
     clips = list(stream)
 
-    assert [c.key for c in clips] == stored_keys(manifest) and len(stream) == len(clips)
+    assert [c.key for c in clips] == stored_keys(manifest) and stream.rank_items == len(clips)
     first = next(iter_shard(manifest.shards[0].path))
     assert isinstance(clips[0].waveform, torch.Tensor) and clips[0].waveform.dtype == torch.float32
     np.testing.assert_array_equal(clips[0].waveform.numpy(), first.waveform)
@@ -64,7 +64,7 @@ def test_more_ranks_and_workers_than_shards_split_clips_each_read_once(manifest)
     for rank in range(4):
         stream = ClipStream(manifest, rank=rank, world_size=4)
         per_rank.append([key for batch in loader_batches(stream, manifest, 2, 2) for key in batch.keys])
-        assert len(per_rank[-1]) == len(stream)
+        assert len(per_rank[-1]) == stream.rank_items
     assert [len(keys) for keys in per_rank] == [6, 5, 5, 5]
     assert sorted(key for keys in per_rank for key in keys) == sorted(stored_keys(manifest))
 

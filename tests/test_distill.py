@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +160,40 @@ def test_distill_resumed_at_an_epoch_boundary_matches_the_uninterrupted_run(tiny
     exported_a = torch.load(tmp_path / "straight" / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
     exported_b = torch.load(tmp_path / "resumed" / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
     assert all(torch.equal(exported_a[key], exported_b[key]) for key in exported_a)
+
+
+def test_distill_killed_mid_epoch_resumes_to_the_weights_of_the_uninterrupted_run(tiny, tmp_path):
+    """Validation (and last.ckpt) every 2 steps across epochs of 5 batches; the run is SIGKILLed after step 6's
+    checkpoint, in the middle of epoch 1. Two DataLoader workers: the resumed epoch must hand out the batches after
+    the trained ones in the order of the uninterrupted run."""
+    schedule = ["data.num_workers=2", "distill.trainer.max_epochs=2", "+distill.trainer.val_check_interval=2",
+                "distill.trainer.check_val_every_n_epoch=null"]
+    run_stages(distill_cfg(tiny, tmp_path / "straight", *schedule))
+    killed = tmp_path / "killed"
+    overrides = [o for o in tiny["overrides"] if not o.startswith("paths.output_dir")]
+    command = [sys.executable, "-m", "ced_train", "stages=[distill]", *overrides, *schedule,
+               f"distill.out_dir={killed}", f"paths.output_dir={killed}/logs", f"hydra.run.dir={killed}/hydra",
+               "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=6"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    last = torch.load(killed / "student" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6 and last["epoch"] == 1  # mid-epoch: 1 of epoch 1's 5 batches trained
+    assert not (killed / "student.ckpt").exists()
+
+    resumed, _ = run_stages(distill_cfg(tiny, killed, *schedule, "distill.resume=auto"))
+    assert resumed["distill"]["resumed_from"].endswith("last.ckpt") and resumed["distill"]["steps"] == 10
+
+    def state(root):
+        checkpoint = torch.load(root / "student" / "checkpoints" / "last.ckpt", weights_only=False)
+        return checkpoint["state_dict"], checkpoint["optimizer_states"][0]["state"]
+
+    (weights_a, moments_a), (weights_b, moments_b) = state(tmp_path / "straight"), state(killed)
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+    for index in moments_a:
+        assert torch.equal(moments_a[index]["exp_avg"], moments_b[index]["exp_avg"]), index
 
 
 def test_distill_reuses_an_export_of_equal_inputs_and_refuses_other_inputs(tiny, tmp_path):

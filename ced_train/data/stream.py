@@ -86,8 +86,10 @@ class ClipStream(IterableDataset):
     def epoch(self) -> int:
         return int(self._epoch)
 
-    def __len__(self) -> int:
-        """Items this rank yields per epoch (padding included)."""
+    @property
+    def rank_items(self) -> int:
+        """Items this rank yields per epoch, padding included. (No `__len__`: with several DataLoader workers, batch
+        counts do not follow from it, and Lightning would cut validation short.)"""
         start, stop = contiguous_part(self.num_samples, self.rank, self.world_size)
         return -(-self.num_samples // self.world_size) if self.pad else stop - start
 
@@ -113,7 +115,7 @@ class ClipStream(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         rank_start, rank_stop = contiguous_part(self.num_samples, self.rank, self.world_size)
         # Workers split the rank's items, padding included, so that every rank's workers hold equal shares.
-        start, stop = contiguous_part(len(self), worker_id, num_workers)
+        start, stop = contiguous_part(self.rank_items, worker_id, num_workers)
         real_stop = min(stop, rank_stop - rank_start)
         clips = self._clips(self.shard_order(epoch), rank_start + start, rank_start + real_stop)
         if self.shuffle_buffer > 1:

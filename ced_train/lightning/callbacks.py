@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class AverageBestCheckpoints(Callback):
         self.sources: list[tuple[str, float]] = []
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        checkpoint = trainer.checkpoint_callback
-        if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_k_models:
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None or not checkpoint.best_k_models:
             log.warning("no scored checkpoint to average: keeping the final weights")
             return
         reverse = checkpoint.mode == "max"
@@ -70,3 +70,43 @@ class AverageBestCheckpoints(Callback):
             checkpoint.monitor,
             ", ".join(f"{Path(path).name} ({score:.4f})" for path, score in self.sources),
         )
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes `dirpath/last.ckpt`, the checkpoint `resume=auto` continues from: at the end of every epoch, after
+    every validation inside an epoch and every `every_n_train_steps` optimiser steps, whatever the score. A crash
+    loses at most that much work, and the resumed run continues exactly, mid-epoch too. (ModelCheckpoint's
+    `save_last` only writes along with a new top-k checkpoint, so its `last.ckpt` may lie far behind.) A Checkpoint
+    callback, so Lightning runs it after the others (early stopping's state is saved current). Written atomically: a
+    run killed while saving keeps the previous file.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be at least 1 or null, got {every_n_train_steps}")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer, mid_epoch_only=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._save(trainer, mid_epoch_only=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, mid_epoch_only=False)
+
+    def _save(self, trainer: pl.Trainer, mid_epoch_only: bool) -> None:
+        # At an epoch's last batch, only the end of the epoch is a clean place to resume from.
+        if mid_epoch_only and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        if trainer.global_step == self._saved_step:  # a validation right after a step-count save
+            return
+        self._saved_step = trainer.global_step
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)  # every rank takes part; global rank 0 writes
+        if trainer.is_global_zero:
+            partial.replace(self.path)

@@ -50,7 +50,7 @@ def build_trainer(cfg: DictConfig, schedule: DictConfig, root_dir: Path, run_nam
     fresh callbacks (checkpoints under `root_dir/checkpoints`) and loggers named `run_name`."""
     callbacks = []
     for name, node in (cfg.callbacks or {}).items():
-        if name == "model_checkpoint":
+        if name in ("model_checkpoint", "last_checkpoint"):
             callbacks.append(instantiate(node, dirpath=str(root_dir / "checkpoints")))
         else:
             callbacks.append(instantiate(node))
