@@ -9,6 +9,7 @@ into its run directory and prints `results: <path>` as its last line.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -20,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ced_train.data.manifest import write_json_atomic
+from ced_train.models import CheckpointError
 from ced_train.stages import distill, evaluate, is_global_zero, prepare, teach, train
 from ced_train.stages.evaluate import systems_of
+from ced_train.store import StoreError
 
 log = logging.getLogger("ced_train")
 
@@ -131,6 +134,41 @@ def check_inputs(cfg: DictConfig) -> None:
         raise MissingInputError("missing inputs:\n - " + "\n - ".join(problems + hints))
 
 
+class StageListError(ValueError):
+    """A stage list that cannot run under the configured launch."""
+
+
+TRAINING_STAGES = ("train", "distill")
+EXTERNAL_LAUNCH_VARIABLES = ("LOCAL_RANK", "RANK", "SLURM_PROCID")
+
+
+def lightning_starts_processes(cfg: DictConfig) -> bool:
+    """True when the training stages' Trainer will start its own processes: a DDP strategy over several devices or
+    nodes, in a process that no launcher (Lightning's own children, torchrun, SLURM) started."""
+    trainer = cfg.trainer
+    several = str(trainer.devices) in ("-1", "auto") or int(trainer.devices) > 1 or int(trainer.num_nodes) > 1
+    return ("ddp" in str(trainer.strategy) and several
+            and not any(name in os.environ for name in EXTERNAL_LAUNCH_VARIABLES))
+
+
+def check_stage_list(cfg: DictConfig) -> None:
+    """Refuse stage lists that break when Lightning starts the processes: it re-runs the whole app in each child
+    from the first training stage on, so a second training stage would start processes again beside running ones,
+    and a teacher pass after training would run in every process. Stages before the first training stage run in
+    the parent alone (the children find their outputs done); after it, only evaluate (rank 0) may follow."""
+    if not lightning_starts_processes(cfg):
+        return
+    stages = list(cfg.stages)
+    first = next((i for i, stage in enumerate(stages) if stage in TRAINING_STAGES), None)
+    after = [stage for stage in stages[first + 1 :] if stage != "evaluate"] if first is not None else []
+    if after:
+        raise StageListError(
+            f"stages={stages} under trainer.strategy={cfg.trainer.strategy} with trainer.devices={cfg.trainer.devices}: "
+            f"only evaluate may follow the training stage {stages[first]} when Lightning starts the processes, "
+            f"found {after}; run them as separate runs (e.g. stages=[{stages[first]}] then stages={after}) or start "
+            "the processes yourself (torchrun, hydra/launcher=slurm)")
+
+
 def compose(overrides: list[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """The app's config for `overrides` (as on the command line), composed outside a Hydra run (tests, notebooks):
     set `paths.output_dir` (and usually `paths.root_dir`), which otherwise come from the Hydra run."""
@@ -145,6 +183,7 @@ def run_stages(cfg: DictConfig) -> tuple[dict, dict]:
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"stages {unknown} unknown; known stages: {', '.join(STAGES)}")
+    check_stage_list(cfg)
     check_inputs(cfg)
     results, seconds = {}, {}
     start = time.perf_counter()
@@ -165,12 +204,19 @@ def usage() -> str:
     )
 
 
+USER_ERRORS = (MissingInputError, StageListError, CheckpointError, StoreError)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     if not cfg.stages:
         print(usage(), file=sys.stderr)
         sys.exit(2)
-    results, seconds = run_stages(cfg)
+    try:
+        results, seconds = run_stages(cfg)
+    except USER_ERRORS as error:  # the message says what to change; a traceback would only hide it
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if not is_global_zero():
         return
     run_dir = Path(cfg.paths.output_dir)

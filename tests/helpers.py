@@ -51,3 +51,21 @@ class KillAtStep:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         return _Kill()
+
+
+class SaveRankWeights:
+    """A Lightning callback (`+callbacks.weights._target_=helpers.SaveRankWeights +callbacks.weights.dirpath=D`)
+    that saves every rank's model weights as `D/rank<global rank>.pt` when training ends."""
+
+    def __new__(cls, dirpath: str):
+        from pathlib import Path
+
+        import torch
+        from lightning.pytorch.callbacks import Callback
+
+        class _Save(Callback):
+            def on_train_end(self, trainer, pl_module) -> None:
+                Path(dirpath).mkdir(parents=True, exist_ok=True)
+                torch.save(pl_module.model.state_dict(), Path(dirpath) / f"rank{trainer.global_rank}.pt")
+
+        return _Save()

@@ -108,3 +108,28 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_on_every_node(tmp_path):
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/runs/audioset_small_full/multirun/")
+
+
+def app(tmp_path, *overrides):
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("AUDIOSET_DIR", "CED_CHECKPOINTS_DIR", "CED_DATA_DIR", "CED_RUNS_DIR", "LOCAL_RANK", "RANK")}
+    return subprocess.run([sys.executable, "-m", "ced_train", f"paths.root_dir={tmp_path}",
+                           f"hydra.run.dir={tmp_path}/run", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**env, "CED_ROOT": str(tmp_path)})
+
+
+def test_a_second_training_stage_under_lightning_started_ddp_is_refused_in_one_line_before_anything_runs(tmp_path):
+    result = app(tmp_path, "stages=[teach,train,distill,evaluate]", "trainer=cpu", "trainer.devices=3",
+                 "trainer.strategy=ddp")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "only evaluate may follow the training stage train" in line and "['distill']" in line
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_missing_inputs_are_reported_without_a_traceback(tmp_path):
+    result = app(tmp_path, "+recipe=audioset_tiny_full")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: missing inputs:")
+    assert "paths.checkpoints_dir is not set" in result.stderr

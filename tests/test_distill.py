@@ -22,6 +22,7 @@ from ced_train.lightning.fit import StageOutputError, read_provenance
 from ced_train.lightning.losses import TopKBCE, TopKKL, dense_targets
 from ced_train.models import create_model
 from ced_train.teachers import load_ensemble
+from helpers import make_shards
 
 VIEWS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -208,22 +209,55 @@ def test_distill_reuses_an_export_of_equal_inputs_and_refuses_other_inputs(tiny,
     assert math.isfinite(first["distill"]["best_val_mAP"])
 
 
-def test_two_process_ddp_distillation_over_gloo(tiny, tmp_path):
-    """Lightning starts a second process; both run the same number of steps although their shards hold 14 and 7
-    clips, validation scores every clip once across the two, and only rank 0 writes and prints results."""
-    run_dir = tmp_path / "run"
-    overrides = [o for o in tiny["overrides"] if not o.startswith(("paths.output_dir", "trainer="))]
-    command = [sys.executable, "-m", "ced_train", "stages=[distill]", *overrides, f"distill.out_dir={tmp_path}",
-               "data.batch_size=2", "trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_distill_and_evaluate_run_under_bf16_autocast_on_the_cpu(tiny, tmp_path):
+    results, _ = run_stages(distill_cfg(tiny, tmp_path, "distill.trainer.max_epochs=1", "trainer.precision=bf16-mixed"))
+    assert math.isfinite(results["distill"]["best_val_mAP"])
+    student = tmp_path / "student.ckpt"
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        cfg = compose(["stages=[evaluate]", *tiny["overrides"], f"evaluate.checkpoint={student}",
+                       f"data.eval_shards={tiny['shards']}", f"evaluate.precision={precision}",
+                       f"evaluate.out_dir={tmp_path}/evaluate_{precision}"])
+        evaluated = run_stages(cfg)[0]["evaluate"]
+        assert evaluated["device"] == "cpu" and evaluated["precision"] == precision
+        scores[precision] = evaluated["systems"]["student"]
+        assert scores[precision]["num_clips"] == 21
+    # bf16 keeps 8 bits of mantissa: the ranking of 21 clips barely moves.
+    assert abs(scores["bf16"]["mAP"] - scores["fp32"]["mAP"]) < 0.05
+
+
+def test_three_process_ddp_teach_distill_evaluate_from_an_official_checkpoint(tiny, tmp_path):
+    """`stages=[teach, distill, evaluate]` under DDP (Lightning re-runs the app in its child processes): 13 clips in
+    5 unequal shards for training, 7 in 2 shards for validation and evaluation (fewer shards than ranks), the
+    student initialised from an official-format file. Every rank trains the same batches count on disjoint clips,
+    ends with the same weights, validation and evaluate score every clip once, and only rank 0 prints results."""
+    train = make_shards(tmp_path / "train", [1.5] * 13, 3)
+    held_out = make_shards(tmp_path / "eval", [1.5] * 7, 4)
+    run_dir, out_dir, weights_dir = tmp_path / "run", tmp_path / "distill", tmp_path / "weights"
+    overrides = [o for o in tiny["overrides"] if not o.startswith(("paths.output_dir", "trainer=", "data."))]
+    command = [sys.executable, "-m", "ced_train", "stages=[teach,distill,evaluate]", *overrides,
+               f"data.train_shards={train}", f"data.val_shards={held_out}", f"data.eval_shards={held_out}",
+               f"paths.store_dir={tmp_path}/store", "data.batch_size=2", "data.eval_batch_size=2",
+               "data.num_workers=2", f"distill.init_checkpoint={tiny['teachers'][0]}", f"distill.out_dir={out_dir}",
+               f"evaluate.checkpoint={out_dir}/student.ckpt", "trainer=cpu", "trainer.devices=3",
+               "trainer.strategy=ddp", f"hydra.run.dir={run_dir}",
+               "+callbacks.weights._target_=helpers.SaveRankWeights", f"+callbacks.weights.dirpath={weights_dir}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == f"results: {run_dir / 'results.json'}"
     assert sum(line.startswith("results:") for line in lines) == 1
-    distill = json.loads((run_dir / "results.json").read_text())["results"]["distill"]
-    # Shards of 8, 7 and 6 clips: rank 0 reads 8 + 6, rank 1 reads 7 → 7 // 2 = 3 batches each, per epoch.
-    assert distill["steps"] == 2 * 3
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    # 13 // (3 ranks x 2) = 2 batches per rank and epoch, two epochs.
+    assert results["distill"]["steps"] == 2 * 2
+    assert results["distill"]["init"].startswith(f"init from {tiny['teachers'][0]}: loaded ")
+    assert results["evaluate"]["systems"]["student"]["num_clips"] == 7
     with open(next(run_dir.glob("*/version_0/metrics.csv")), newline="") as handle:
         clips = [float(row["val/clips"]) for row in csv.DictReader(handle) if row.get("val/clips")]
-    assert clips == [21.0, 21.0]
-    assert (tmp_path / "student.ckpt").is_file()
+    assert clips == [7.0, 7.0]
+    ranks = [torch.load(weights_dir / f"rank{rank}.pt") for rank in range(3)]
+    assert ranks[0].keys() == ranks[1].keys() == ranks[2].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], ranks[2][key]), key
+    assert (out_dir / "student.ckpt").is_file()

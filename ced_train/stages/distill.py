@@ -81,4 +81,5 @@ def run(cfg: DictConfig) -> dict:
     log.info("distill: %s on %d clips x %d views of %s (%s)", stage.model.name, train_manifest.num_samples,
              spec.num_views, store_path, "replayed views" if stage.consistent else "fresh views, stored targets")
     summary = fit_and_export(trainer, module, datamodule, out_path, student_fingerprint, resume_from)
-    return {**summary, "store": str(store_path), "consistent": stage.consistent, "reused": False}
+    return {**summary, "store": str(store_path), "consistent": stage.consistent, "init": str(init) if init else None,
+            "reused": False}

@@ -84,7 +84,8 @@ def run(cfg: DictConfig) -> dict:
         table = write_per_class_csv(out_dir / f"{name}_per_class.csv", metrics, manifest.class_names)
         results[name] = {**metrics.summary(), "checkpoints": paths, "per_class_csv": str(table)}
     print(format_table(results, stage.shards), flush=True)
-    return {"shards": str(stage.shards), "shards_fingerprint": manifest.fingerprint, "systems": results}
+    return {"shards": str(stage.shards), "shards_fingerprint": manifest.fingerprint, "device": str(device),
+            "precision": stage.precision, "systems": results}
 
 
 def format_table(results: dict[str, dict], shards: str) -> str:

@@ -77,5 +77,5 @@ def run(cfg: DictConfig) -> dict:
         log.info("train: %s (%s, seed %d) on %d clips of %s", name, stage.model.name, seed,
                  train_manifest.num_samples, cfg.data.train_shards)
         members.append({**fit_and_export(trainer, module, datamodule, out_path, member_fingerprint, resume_from),
-                        "reused": False})
+                        "init": str(init) if init else None, "reused": False})
     return {"members": members}
