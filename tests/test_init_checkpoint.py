@@ -85,3 +85,27 @@ def test_a_file_with_no_matching_backbone_tensor_is_refused(tmp_path):
     torch.save({"conv1.weight": torch.randn(8, 1, 3, 3), "fc.weight": torch.randn(10, 8)}, path)
     with pytest.raises(CheckpointError, match="no tensor matches the model's backbone"):
         init_from_checkpoint(create_model("ced_test", num_classes=10), path)
+
+
+def test_the_finetune_recipe_trains_a_released_model_on_other_classes_with_a_new_head(synthetic_train_shards,
+                                                                                       tmp_path):
+    """A "released" model of 10 classes fine-tuned on 527-class shards: its backbone is loaded, its head replaced,
+    and the run trains and scores the fine-tuned model."""
+    from ced_train.__main__ import compose, run_stages
+
+    torch.manual_seed(0)
+    released = create_model("ced_test", num_classes=10)
+    torch.save({"model": released.state_dict()}, tmp_path / "released.pt")
+    cfg = compose(["+recipe=finetune", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+                   f"train.init_checkpoint={tmp_path}/released.pt", f"data.train_shards={synthetic_train_shards}",
+                   f"data.val_shards={synthetic_train_shards}", "model@train.model=ced_test", "data.batch_size=4",
+                   "train.trainer.max_epochs=1", "train.optim.scheduler.warmup_steps=2", "trainer=cpu",
+                   "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv"])
+    results, _ = run_stages(cfg)
+    [member] = results["train"]["members"]
+    assert member["init"].startswith(f"init from {tmp_path}/released.pt: loaded ")
+    # The whole head (its norm and its linear layer) starts anew; the file's head tensors are listed as skipped.
+    assert "; new 4 [outputlayer." in member["init"] and "skipped 4 [outputlayer." in member["init"]
+    exported = torch.load(tmp_path / "run" / "train" / "member0.ckpt", weights_only=True)["ced_model"]["state_dict"]
+    assert exported["outputlayer.1.weight"].shape[0] == 527
+    assert results["evaluate"]["systems"]["finetuned"]["num_clips"] == 21
