@@ -44,12 +44,6 @@ from ced_train.store import StoreError, TeacherStore
 __all__ = ["ViewDataset"]
 
 
-def _distributed_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class ViewDataset(IterableDataset):
     """Rendered views of the clips of a shard directory.
 
@@ -62,7 +56,6 @@ class ViewDataset(IterableDataset):
         shard_names: only these shards (default: all, in manifest order).
         shuffle: shuffle the shard order and the clip order within each mixup block, per epoch.
         seed: seed of that shuffle.
-        rank, world_size: this process's share of the shards (default: from torch.distributed if initialised).
         batch_size: when set, yield batches of up to this many consecutive items of one shard (use the DataLoader
             with `batch_size=None`); otherwise yield single items for the DataLoader to collate.
 
@@ -82,8 +75,6 @@ class ViewDataset(IterableDataset):
         shard_names: Sequence[str] | None = None,
         shuffle: bool = False,
         seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
         batch_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -118,7 +109,6 @@ class ViewDataset(IterableDataset):
         )
         self.shuffle = shuffle
         self.seed = seed
-        self.rank, self.world_size = (rank, world_size) if rank is not None else _distributed_rank()
         self.batch_size = batch_size
         self.epoch = 0
         self._front_end = None
@@ -132,16 +122,13 @@ class ViewDataset(IterableDataset):
             return self.views
         return [self.epoch % self.store.num_views] if self.store is not None else [self.epoch]
 
-    def rank_shards(self) -> list[ShardInfo]:
-        return self.shards[self.rank :: self.world_size]
-
     @property
     def num_clips(self) -> int:
         return sum(shard.num_samples for shard in self.shards)
 
     def __len__(self) -> int:
-        """Items (not batches) this rank yields per epoch."""
-        return sum(shard.num_samples for shard in self.rank_shards()) * len(self.epoch_views())
+        """Items (not batches) per epoch."""
+        return self.num_clips * len(self.epoch_views())
 
     def epoch_shards(self, shards: Sequence[ShardInfo]) -> list[ShardInfo]:
         """`shards` in this epoch's reading order: as given, or shuffled by `(seed, epoch)`."""
@@ -151,10 +138,11 @@ class ViewDataset(IterableDataset):
         return shards
 
     def __iter__(self) -> Iterator[dict]:
-        """Every item of this rank's shards; DataLoader workers take whole shards in turn."""
+        """Every item; DataLoader workers take whole shards in turn (the teacher pass: one part file per shard).
+        Ranks split the work outside: the teacher pass by `shard_names`, training by `render` ranges."""
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        for shard in self.epoch_shards(self.rank_shards())[worker_id::num_workers]:
+        for shard in self.epoch_shards(self.shards)[worker_id::num_workers]:
             whole = [(start, 0, self.augment.mixup_block_clips)
                      for start in range(0, shard.num_samples, self.augment.mixup_block_clips)]
             items = self._shard_items(shard, whole)
@@ -197,6 +185,8 @@ class ViewDataset(IterableDataset):
         block = self.augment.mixup_block_clips
         views = self.epoch_views()
         store_start = self._store_rows(shard)
+        if not picks:  # a shard without clips
+            return
         clips = iter_shard(shard.path, picks[0][0], min(picks[-1][0] + block, shard.num_samples))
         for block_start, lo, hi in picks:
             block_clips = list(islice(clips, block))

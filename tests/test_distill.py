@@ -214,12 +214,12 @@ def test_distill_and_evaluate_run_under_bf16_autocast_on_the_cpu(tiny, tmp_path)
     assert math.isfinite(results["distill"]["best_val_mAP"])
     student = tmp_path / "student.ckpt"
     scores = {}
-    for precision in ("fp32", "bf16"):
+    for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
         cfg = compose(["stages=[evaluate]", *tiny["overrides"], f"evaluate.checkpoint={student}",
                        f"data.eval_shards={tiny['shards']}", f"evaluate.precision={precision}",
                        f"evaluate.out_dir={tmp_path}/evaluate_{precision}"])
         evaluated = run_stages(cfg)[0]["evaluate"]
-        assert evaluated["device"] == "cpu" and evaluated["precision"] == precision
+        assert evaluated["device"] == "cpu" and evaluated["precision"] == dtype
         scores[precision] = evaluated["systems"]["student"]
         assert scores[precision]["num_clips"] == 21
     # bf16 keeps 8 bits of mantissa: the ranking of 21 clips barely moves.

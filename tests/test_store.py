@@ -4,7 +4,13 @@ tests/test_teach.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +19,10 @@ import pytest
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig, sample_views
 from ced_train.store import (
     CHUNK_CLIPS,
+    FORMAT_VERSION,
     StoreError,
+    StoreLock,
+    StoreLockedError,
     StoreSpec,
     TeacherStore,
     merge_parts,
@@ -22,6 +31,7 @@ from ced_train.store import (
     write_part,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 SPEC = StoreSpec("f" * 64, AugmentConfig(), 0, ({"file": "a.pt", "sha256": "0" * 64},), "probs", 5, 2, 527)
 
 
@@ -111,3 +121,100 @@ def test_topk_to_dense_places_values_at_their_classes():
     dense = topk_to_dense(np.array([[0.9, 0.5]], np.float16), np.array([[3, 0]], np.int16), 4)
     assert np.array_equal(dense, np.array([[0.5, 0.0, 0.0, 0.9]], np.float32).astype(np.float16).astype(np.float32))
     assert topk_to_dense(np.array([[0.9]]), np.array([[1]]), 3, fill=0.01)[0, 0] == pytest.approx(0.01)
+
+
+def test_a_store_of_another_format_version_is_refused_in_one_line(parts, tmp_path):
+    path = merge_parts(tmp_path / "store.h5", SPEC, [parts["a.tar"][0], parts["b.tar"][0]])
+    with h5py.File(path, "r+") as file:
+        file.attrs["format_version"] = FORMAT_VERSION - 1
+    expected = f"format version {FORMAT_VERSION - 1}, this code reads {FORMAT_VERSION}"
+    with pytest.raises(StoreError, match=expected) as error:
+        TeacherStore(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+# A process that keeps files open for writing with HDF5's default (locking) access, until its stdin closes.
+HOLD_FOR_WRITING = """
+import sys, h5py
+files = [h5py.File(path, "r+") for path in sys.argv[1:]]
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_readers_open_store_and_parts_without_hdf5_file_locks(parts, tmp_path, monkeypatch):
+    # With locks, HDF5 refuses to open a file that another process holds for writing ("unable to lock file"); a
+    # reader that takes none also works where the file system has no working locks (Lustre, NFS).
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    store = merge_parts(tmp_path / "store.h5", SPEC, [parts["a.tar"][0], parts["b.tar"][0]])
+    part = parts["a.tar"][0]
+    env = {name: value for name, value in os.environ.items() if name != "HDF5_USE_FILE_LOCKING"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOR_WRITING, str(store), str(part)], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(OSError, match="lock"):  # what a locking reader meets
+            h5py.File(store, "r")
+        with TeacherStore(store) as reader:
+            assert np.array_equal(reader.read(1, 0, 3)[1], parts["a.tar"][2][2][1])
+        assert part_is_complete(part, SPEC, "a.tar", 3)
+        merged = merge_parts(tmp_path / "again.h5", SPEC, [part, parts["b.tar"][0]])
+        with TeacherStore(merged) as reader:
+            assert reader.keys() == ["a0", "a1", "a2", "b0", "b1"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------- pass lock
+
+# A second process that takes a store's lock and keeps it until its stdin closes (or it is killed).
+HOLD_LOCK = """
+import sys
+from ced_train.store import StoreLock
+
+lock = StoreLock.acquire(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+lock.release()
+"""
+
+
+def test_a_store_lock_held_by_a_live_process_is_refused_and_one_left_by_a_killed_process_is_taken(tmp_path, capsys):
+    store = tmp_path / "store.h5"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store)], cwd=REPO, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError) as error:
+            StoreLock.acquire(store)
+        message = str(error.value)
+        assert "\n" not in message
+        for part in (str(store), f"{store}.lock", f"host {socket.gethostname()}", f"pid {holder.pid}",
+                     "teach.break_lock=true"):
+            assert part in message
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert store.with_name("store.h5.lock").exists()  # a killed holder leaves its lock behind
+    with StoreLock.acquire(store) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        assert "its process is gone" in capsys.readouterr().out
+    assert not lock.path.exists()
+
+
+def test_a_store_lock_of_another_host_is_only_taken_with_break_lock(tmp_path):
+    store = tmp_path / "store.h5"
+    lock_file = tmp_path / "store.h5.lock"
+    lock_file.write_text(json.dumps({"host": "gpu-node-17", "pid": 4242, "since": "2024-01-01T00:00:00"}))
+    with pytest.raises(StoreLockedError, match="host gpu-node-17, pid 4242, since 2024-01-01T00:00:00"):
+        StoreLock.acquire(store)
+    assert json.loads(lock_file.read_text())["host"] == "gpu-node-17"
+    lock = StoreLock.acquire(store, break_lock=True)
+    assert json.loads(lock_file.read_text())["host"] == socket.gethostname()
+    # A pass whose lock was broken and taken by another leaves the new holder's lock in place.
+    successor = StoreLock.acquire(store, break_lock=True)
+    lock.release()
+    assert json.loads(lock_file.read_text()) == successor.holder
+    successor.release()
+    assert not lock_file.exists()

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import h5py
@@ -23,7 +28,7 @@ from ced_train.augment import AugmentConfig
 from ced_train.data import read_manifest
 from ced_train.models import create_model
 from ced_train.stages.teach import teacher_pass
-from ced_train.store import StoreError, TeacherStore, verify
+from ced_train.store import StoreError, StoreLock, TeacherStore, verify
 from ced_train.teachers import TeacherEnsemble, load_ensemble
 from ced_train.views import ViewDataset
 from helpers import make_shards
@@ -97,6 +102,21 @@ def test_stored_outputs_are_the_ensembles_top_k_for_the_replayed_inputs(tiny):
     # float16 storage; the order may differ only between near-equal probabilities.
     assert torch.allclose(batch["topk_values"], values, atol=1e-3)
     assert (batch["topk_indices"] == indices).float().mean() > 0.95
+
+
+def test_a_bf16_pass_on_the_cpu_runs_under_autocast_and_stays_close_to_float32(tiny, tmp_path):
+    run = dict(seed=0, num_views=VIEWS, batch_size=4, progress=False)
+    teacher_pass(tiny["shards"], tmp_path / "bf16.h5", load_ensemble(tiny["checkpoints"]), AUGMENT,
+                 precision="bf16", **run)
+    bf16, fp32 = read_arrays(tmp_path / "bf16.h5"), read_arrays(tiny["store"])
+    values_bf16, values_fp32 = (arrays["topk_values"].astype(np.float32) for arrays in (bf16, fp32))
+    assert not np.array_equal(values_bf16, values_fp32)  # autocast ran: bf16 matmuls round differently
+    # The top-1 probability of every (clip, view) within bf16's rounding of the float32 pass.
+    np.testing.assert_allclose(values_bf16[..., 0], values_fp32[..., 0], atol=2e-2)
+    assert np.array_equal(bf16["view_params"], fp32["view_params"])  # the views themselves do not depend on precision
+    with pytest.raises(ValueError, match="teach.precision='fp8'"):
+        teacher_pass(tiny["shards"], tmp_path / "x.h5", load_ensemble(tiny["checkpoints"]), AUGMENT,
+                     precision="fp8", **run)
 
 
 @pytest.fixture(scope="module")
@@ -350,13 +370,201 @@ def test_a_killed_pass_resumes_redoing_only_unfinished_shards(tiny, tmp_path):
         process.wait()
     finished = {path.name: path.stat().st_mtime_ns for path in parts.glob("*.h5")}
     assert 1 <= len(finished) < 3 and not store.exists()
+    lock = tmp_path / "resumed.h5.lock"
+    assert lock.exists()  # left by the killed pass; its process is gone, so the next pass on this host takes it
 
     summary = teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
                            num_views=VIEWS, batch_size=4, progress=False)
     assert summary["parts_reused_by_this_rank"] == len(finished)
     verify(store, tiny["shards"])
     assert_same_store(store, tiny["store"])
-    assert not parts.exists() and not list(tmp_path.glob("*.tmp-*"))
+    assert not parts.exists() and not list(tmp_path.glob("*.tmp-*")) and not lock.exists()
+
+
+# ------------------------------------------------------------------------------------------------- lock
+
+
+def foreign_lock(store: Path) -> Path:
+    """The lock of a pass running on another node."""
+    path = store.with_name(store.name + ".lock")
+    path.write_text(json.dumps({"host": "gpu-node-17", "pid": 4242, "since": "2024-01-01T00:00:00"}))
+    return path
+
+
+def test_a_second_pass_on_a_locked_store_is_refused_and_leaves_the_first_passes_files(tiny, tmp_path):
+    store = tmp_path / "locked.h5"
+    parts = tmp_path / "locked.h5.parts"
+    # What the first pass has written so far: one finished part and one part being written.
+    with TeacherStore(tiny["store"]) as done:
+        first, second = done.shard_names[:2]
+        start, stop = done.shard_rows(first)
+        arrays = [np.stack([done.read(v, start, stop)[i] for v in range(VIEWS)]) for i in (2, 0, 1)]
+        store_module.write_part(parts / f"{first}.h5", done.spec, first, done.keys(start, stop), *arrays)
+    (parts / f"{second}.h5.tmp-4242").write_bytes(b"half a part")
+    lock = foreign_lock(store)
+    before = {path.name: path.read_bytes() for path in [lock, *parts.iterdir()]}
+    run = dict(seed=0, num_views=VIEWS, batch_size=4, progress=False)
+    with pytest.raises(StoreError, match="being written by another teacher pass") as error:
+        teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, **run)
+    message = str(error.value)
+    assert "\n" not in message
+    for part in (str(store), "host gpu-node-17, pid 4242", str(lock), "teach.break_lock=true"):
+        assert part in message
+    assert {path.name: path.read_bytes() for path in [lock, *parts.iterdir()]} == before
+
+    summary = teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, break_lock=True, **run)
+    assert summary["parts_reused_by_this_rank"] == 1
+    assert_same_store(store, tiny["store"])
+    assert not parts.exists() and not lock.exists()
+
+
+class LockWitness:
+    """A teacher that records at each call whether the store's lock file exists, and raises at call `fail_at`."""
+
+    num_classes = 527
+
+    def __init__(self, lock: Path, fail_at: int | None = None) -> None:
+        self.lock, self.fail_at, self.seen = lock, fail_at, []
+
+    def __call__(self, mel_db: torch.Tensor) -> torch.Tensor:
+        self.seen.append(self.lock.exists())
+        if len(self.seen) == self.fail_at:
+            raise RuntimeError("teacher crashed")
+        return torch.zeros(mel_db.shape[0], self.num_classes)
+
+
+def test_the_lock_is_held_while_a_pass_runs_and_removed_when_it_fails_or_ends(tmp_path):
+    shards = make_shards(tmp_path / "shards", [1.0] * 4, 2)  # 2 shards; with 2 views, one batch of 4 each
+    store = tmp_path / "store.h5"
+    lock = tmp_path / "store.h5.lock"
+    run = dict(seed=0, num_views=2, batch_size=4, progress=False)
+    failing = LockWitness(lock, fail_at=2)
+    with pytest.raises(RuntimeError, match="teacher crashed"):
+        teacher_pass(shards, store, TeacherEnsemble([failing], sources=[{"file": "witness"}]), AUGMENT, **run)
+    assert failing.seen == [True, True] and not lock.exists()
+    assert [path.name for path in (tmp_path / "store.h5.parts").glob("*.h5")] == ["shard-000000.tar.h5"]
+    working = LockWitness(lock)
+    summary = teacher_pass(shards, store, TeacherEnsemble([working], sources=[{"file": "witness"}]), AUGMENT, **run)
+    assert working.seen == [True] and summary["parts_reused_by_this_rank"] == 1
+    assert store.exists() and not lock.exists()
+
+
+def test_an_up_to_date_store_leaves_leftover_parts_to_the_pass_holding_the_lock(tiny, tmp_path, capsys):
+    store = Path(shutil.copy(tiny["store"], tmp_path / "current.h5"))
+    parts = tmp_path / "current.h5.parts"
+    parts.mkdir()
+    (parts / "shard-000000.tar.h5.tmp-4242").write_bytes(b"half a part")
+    lock = foreign_lock(store)
+    run = dict(seed=0, num_views=VIEWS, progress=False)
+    teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, **run)
+    assert "leaving" in capsys.readouterr().out and (parts / "shard-000000.tar.h5.tmp-4242").exists()
+    lock.unlink()
+    teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, **run)
+    assert not parts.exists() and not lock.exists()
+
+
+def _locked_rank_worker(rank: int, init_file: str, shards: str, store: str, checkpoints: list[str]) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=60))
+    try:
+        teacher_pass(shards, store, load_ensemble(checkpoints), AUGMENT, seed=0, num_views=VIEWS, progress=False)
+    except StoreError as error:
+        Path(f"{store}.rank{rank}").write_text(str(error))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_locked_store_stops_every_rank_of_a_pass_before_it_starts(tiny, tmp_path):
+    store = tmp_path / "two_ranks.h5"
+    lock = foreign_lock(store)
+    args = (str(tmp_path / "gloo_init"), str(tiny["shards"]), str(store), [str(p) for p in tiny["checkpoints"]])
+    torch.multiprocessing.spawn(_locked_rank_worker, args=args, nprocs=2, join=True)
+    for rank in range(2):  # rank 1 learns of rank 0's refusal before it writes anything
+        assert "host gpu-node-17, pid 4242" in Path(f"{store}.rank{rank}").read_text()
+    assert lock.exists() and not store.with_name(store.name + ".parts").exists()
+
+
+# ------------------------------------------------------------------------------------------------- failing ranks
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_ddp_child_that_finds_the_store_current_starts_no_process_group(tiny, monkeypatch):
+    # Lightning's DDP re-runs the app in child processes that have LOCAL_RANK and WORLD_SIZE but no RANK; they run
+    # the stages again after the parent's pass and must find the store done without forming a process group.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.delenv("RANK", raising=False)
+    summary = teacher_pass(tiny["shards"], tiny["store"], load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
+                           num_views=VIEWS, progress=False)
+    assert summary["clips_run_by_this_rank"] == 0 and not torch.distributed.is_initialized()
+
+
+def launch_teach_ranks(tmp_path, ranks, world_size, shards, checkpoints, store, wait_s=90):
+    """Run `python -m ced_train stages=[teach]` (teach.timeout_min=0.2) once per rank in `ranks` of `world_size`,
+    torchrun-style (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); → {rank: (exit code, output)}, exit
+    code None for a process still running after `wait_s` seconds (then killed)."""
+    overrides = ["stages=[teach]", f"paths.root_dir={tmp_path}", f"data.train_shards={shards}",
+                 f"teachers.checkpoints=[{','.join(map(str, checkpoints))}]", "teachers.name=pair", "teach.views=2",
+                 "teach.num_workers=0", "teach.progress=false", "teach.timeout_min=0.2",
+                 "augment.mixup_block_clips=2", f"store.path={store}"]
+    port = free_port()
+    processes = {}
+    for rank in ranks:
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        with open(tmp_path / f"rank{rank}.log", "w") as log:
+            command = [sys.executable, "-m", "ced_train", *overrides, f"hydra.run.dir={tmp_path}/run{rank}"]
+            processes[rank] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + wait_s
+    codes = {}
+    for rank, process in processes.items():
+        try:
+            codes[rank] = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            codes[rank] = None
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return {rank: (codes[rank], (tmp_path / f"rank{rank}.log").read_text()) for rank in ranks}
+
+
+def test_a_rank_failing_on_a_corrupt_shard_ends_every_rank_of_the_pass(tiny, tmp_path):
+    shards = make_shards(tmp_path / "shards", [1.0] * 6, 2)
+    bad = read_manifest(shards).shards[1]  # rank 1's of 3 (shards[rank::3])
+    with tarfile.open(bad.path) as tar:
+        audio = next(member for member in tar if member.name.endswith(".flac"))
+    with open(bad.path, "r+b") as handle:  # same size: the manifest's byte count still matches
+        handle.seek(audio.offset_data)
+        handle.write(bytes(64))
+    store = tmp_path / "store.h5"
+    results = launch_teach_ranks(tmp_path, [0, 1, 2], 3, shards, tiny["checkpoints"], store)
+    for rank, (code, output) in results.items():
+        assert code not in (0, None), f"rank {rank} exited with {code}:\n{output[-3000:]}"
+    assert f"{bad.name}: sample" in results[1][1] and "does not decode" in results[1][1]
+    for rank in (0, 2):  # the survivors say where to look
+        assert "waiting for the other ranks failed" in results[rank][1], results[rank][1][-3000:]
+    assert not store.exists() and not StoreLock.path_of(store).exists()
+    finished = sorted(path.name for path in store.with_name("store.h5.parts").glob("*.h5"))
+    assert finished == ["shard-000000.tar.h5", "shard-000002.tar.h5"]  # what a re-run reuses
+
+
+def test_ranks_waiting_for_one_that_never_starts_fail_after_teach_timeout_min(tiny, tmp_path):
+    store = tmp_path / "store.h5"
+    results = launch_teach_ranks(tmp_path, [0, 1], 3, tiny["shards"], tiny["checkpoints"], store)
+    expected = "process group of WORLD_SIZE=3 ranks could not be formed (teach.timeout_min=0.2"
+    for rank, (code, output) in results.items():
+        assert code not in (0, None), f"rank {rank} exited with {code}:\n{output[-3000:]}"
+        assert expected in output, output[-3000:]
+    assert not store.exists() and not StoreLock.path_of(store).exists()
 
 
 # ------------------------------------------------------------------------------------------------- stage
@@ -393,6 +601,6 @@ def test_several_slurm_tasks_without_a_process_group_are_refused(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_PROCID", "3")
     with pytest.raises(RuntimeError, match="8 SLURM tasks"):
-        _init_distributed(torch.device("cpu"))
+        _init_distributed(torch.device("cpu"), timedelta(minutes=1))
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert _init_distributed(torch.device("cpu")) == (0, 1)
+    assert _init_distributed(torch.device("cpu"), timedelta(minutes=1)) == (0, 1)

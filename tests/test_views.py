@@ -83,15 +83,21 @@ def test_mixup_partners_are_other_clips_of_the_same_block_of_the_same_shard(shar
     assert partners > 0
 
 
-def test_shards_are_split_between_ranks_and_workers_without_overlap(shards):
-    sampler = ViewSampler(AUGMENT, seed=0)
-    seen = []
-    for rank in range(2):
-        dataset = ViewDataset(shards, sampler=sampler, views=[0], rank=rank, world_size=2)
-        keys = [key for key, _ in rendered(dataset, num_workers=2, batch_size=2)]
-        assert len(keys) == len(dataset)
-        seen += keys
-    assert sorted(seen) == sorted(key for shard in read_manifest(shards).shards for key in shard.keys)
+def test_workers_split_whole_shards_without_overlap(shards):
+    dataset = ViewDataset(shards, sampler=ViewSampler(AUGMENT, seed=0), views=[0])
+    keys = [key for key, _ in rendered(dataset, num_workers=2, batch_size=2)]
+    assert len(keys) == len(dataset)
+    assert sorted(keys) == sorted(key for shard in read_manifest(shards).shards for key in shard.keys)
+
+
+def test_disjoint_render_ranges_cover_the_epoch_order_once_and_render_like_the_whole(shards):
+    dataset = ViewDataset(shards, sampler=ViewSampler(AUGMENT, seed=0), shuffle=True, seed=2)
+    dataset.set_epoch(1)
+    whole = [(item["key"], tensor_hash(item["mel_db"])) for item in dataset.render(0, dataset.num_clips)]
+    assert len(whole) == 7
+    # Cuts inside mixup blocks and across the shard boundary.
+    pieces = [item for start, stop in ((0, 2), (2, 5), (5, 7)) for item in dataset.render(start, stop)]
+    assert [(item["key"], tensor_hash(item["mel_db"])) for item in pieces] == whole
 
 
 def test_shuffle_permutes_clips_within_blocks_only(shards):

@@ -1,6 +1,6 @@
 """The stages of `python -m ced_train`: each module `ced_train/stages/<name>.py` has `run(cfg) -> dict` and talks to
-the others only through files. This package holds what the stages' tops share: fingerprints, the rank check, and
-the instantiation of a Trainer with its callbacks and loggers.
+the others only through files. This package holds what the stages' tops share: fingerprints, the rank check, the
+autocast dtype of the inference stages, and the instantiation of a Trainer with its callbacks and loggers.
 """
 
 from __future__ import annotations
@@ -10,12 +10,30 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 # Trainer arguments that change how a run is shown, not what it computes: left out of fingerprints.
 _DISPLAY_ONLY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype(option: str, precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` (bf16, fp16, fp32 = none, or auto: bf16 on a GPU, none on a CPU) on
+    `device`; the CPU runs bf16 and fp16 as asked. `option` names the setting in the error."""
+    check_precision(option, precision)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return PRECISIONS[precision]
+
+
+def check_precision(option: str, precision: str) -> None:
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"{option}={precision!r}: expected auto or one of {', '.join(PRECISIONS)}")
 
 
 def fingerprint(payload: dict) -> str:

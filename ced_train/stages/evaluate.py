@@ -21,10 +21,9 @@ from ced_train.data import ClipStream, collate_clips, read_manifest
 from ced_train.lightning.module import clip_probabilities
 from ced_train.metrics import tagging_metrics, write_per_class_csv
 from ced_train.models import load_checkpoint
-from ced_train.stages import is_global_zero
+from ced_train.stages import autocast_dtype, is_global_zero
 
 log = logging.getLogger(__name__)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def systems_of(cfg: DictConfig) -> dict[str, list[str]]:
@@ -48,7 +47,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"evaluate.shards={stage.shards} holds no labels")
     device = torch.device("cuda" if stage.device == "auto" and torch.cuda.is_available() else
                           "cpu" if stage.device == "auto" else stage.device)
-    autocast_dtype = AUTOCAST_DTYPES[stage.precision]
+    dtype = autocast_dtype("evaluate.precision", stage.precision, device)
     checkpoints = sorted({path for paths in systems.values() for path in paths})
     models = {path: load_checkpoint(path).to(device) for path in checkpoints}
     for path, model in models.items():
@@ -64,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     )
     probs: dict[str, list[np.ndarray]] = {path: [] for path in checkpoints}
     labels: list[np.ndarray] = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for batch in tqdm(loader, total=-(-manifest.num_samples // stage.batch_size), desc="evaluate",
                           unit="batch", dynamic_ncols=True):
             waveform, lengths = batch.waveform.to(device), batch.lengths.to(device)
@@ -85,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
         results[name] = {**metrics.summary(), "checkpoints": paths, "per_class_csv": str(table)}
     print(format_table(results, stage.shards), flush=True)
     return {"shards": str(stage.shards), "shards_fingerprint": manifest.fingerprint, "device": str(device),
-            "precision": stage.precision, "systems": results}
+            "precision": str(dtype).removeprefix("torch.") if dtype else "float32", "systems": results}
 
 
 def format_table(results: dict[str, dict], shards: str) -> str:

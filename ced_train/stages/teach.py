@@ -4,7 +4,9 @@ teacher store (top-k outputs + the augmentation of each view). See docs/store.md
 Work is split across ranks by shard (torchrun or any launcher that sets RANK/WORLD_SIZE; or a process group the
 caller initialised). Each finished shard is written as its own part file (temporary name, then rename) under
 `<store>.parts/`; when all parts exist, rank 0 merges them into the store, again atomically. A re-run skips finished
-parts, so a killed pass redoes only unfinished shards and never duplicates or drops a (clip, view).
+parts, so a killed pass redoes only unfinished shards and never duplicates or drops a (clip, view). Rank 0 holds the
+lock `<store>.lock` from before anything is deleted or written until the pass ends, so a second pass on the same
+store is refused instead of removing the first one's files.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from tqdm import tqdm
 
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig, ViewSampler, params_from_columns
 from ced_train.data import ShardInfo, read_manifest
+from ced_train.stages import autocast_dtype, check_precision, is_global_zero
 from ced_train.store import (
     INDEX_DTYPE,
     MISSING_INDEX,
     VALUE_DTYPE,
     StoreError,
+    StoreLock,
+    StoreLockedError,
     StoreSpec,
     TeacherStore,
     merge_parts,
@@ -36,7 +41,6 @@ from ced_train.store import (
 from ced_train.teachers import TeacherEnsemble
 from ced_train.views import ViewDataset
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -58,12 +62,15 @@ def run(cfg: DictConfig) -> dict:
         precision=teach.precision,
         device=teach.device,
         overwrite=teach.overwrite,
+        break_lock=teach.break_lock,
+        timeout_min=teach.timeout_min,
         progress=teach.progress,
     )
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): from an initialised process group, else from torchrun's environment (initialising one)."""
+def _init_distributed(device: torch.device, timeout: timedelta) -> tuple[int, int]:
+    """(rank, world size): from an initialised process group, else from torchrun's environment (initialising one
+    whose collectives fail after `timeout`)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -76,14 +83,29 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
         )
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    # Ranks finish their shards at different times; the barrier before the merge may wait long.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(days=2))
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    except RuntimeError as error:  # torch.distributed.DistError and backend errors
+        raise RuntimeError(f"teach: the process group of WORLD_SIZE={os.environ['WORLD_SIZE']} ranks could not be "
+                           f"formed (teach.timeout_min={timeout.total_seconds() / 60:g} bounds the wait for missing "
+                           f"ranks): {error}") from error
     return dist.get_rank(), dist.get_world_size()
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of the caller's process group if there is one, else of the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return is_global_zero()
 
 
 def _barrier(world_size: int) -> None:
     if world_size > 1:
-        torch.distributed.barrier()
+        try:
+            torch.distributed.barrier()
+        except RuntimeError as error:
+            raise RuntimeError(f"teach: waiting for the other ranks failed: one of them stopped (its log says why) or "
+                               f"did not arrive within teach.timeout_min ({error})") from error
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -105,9 +127,11 @@ def teacher_pass(
     top_k: int = 20,
     batch_size: int = 64,
     num_workers: int = 0,
-    precision: str = "bf16",
+    precision: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
+    break_lock: bool = False,
+    timeout_min: float = 30.0,
     progress: bool = True,
 ) -> dict:
     """Write the teacher store for the shards of `shards_dir` at `store_path`; return a summary.
@@ -118,62 +142,117 @@ def teacher_pass(
         num_views: views per clip; top_k: outputs kept per view.
         batch_size: (clip, view) inputs per ensemble call; batches never span shards.
         num_workers: DataLoader workers that decode and render clips (whole shards per worker).
-        precision: autocast dtype on GPU ("bf16", "fp16", "fp32"); the CPU always runs float32.
+        precision: autocast dtype: "bf16", "fp16", "fp32" (none), or "auto" (bf16 on a GPU, none on a CPU).
         device: "auto" (this rank's GPU if any, else CPU) or a torch device string.
         overwrite: replace a store or parts made from something else; without it they are an error. Parts of this
             very pass are always kept (they are what a resumed run reuses).
+        break_lock: remove the lock `<store>.lock` of another pass (one that was killed) instead of refusing.
+        timeout_min: minutes a rank waits for the others (forming the process group, each barrier) before it fails;
+            a process group the caller initialised keeps its own timeout.
     """
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"teach.precision={precision!r}: expected one of {', '.join(AUTOCAST_DTYPES)}")
+    check_precision("teach.precision", precision)
     start_time = time.perf_counter()
-    device = _resolve_device(device)
-    rank, world_size = _init_distributed(device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
     manifest = read_manifest(shards_dir)
     spec = StoreSpec(manifest.fingerprint, augment, seed, tuple(ensemble.sources), ensemble.averaging, top_k,
                      num_views, ensemble.num_classes)
     store_path = Path(store_path)
     parts_dir = store_path.with_name(store_path.name + ".parts")
-    if store_path.exists():
-        try:
-            with TeacherStore(store_path) as existing:
-                found = existing.spec
-        except StoreError:
-            if not overwrite:
-                raise
-            found = None  # unreadable: replaced like a store of other settings
-        if found is not None and found.fingerprint() == spec.fingerprint():
+    # Before any process group: Lightning's DDP re-runs the whole app in child processes (LOCAL_RANK and WORLD_SIZE
+    # set, RANK not) after this pass is done, and they must find it done without waiting for ranks that never come.
+    if _store_is_current(store_path, spec, overwrite):
+        if _is_rank_zero():
+            _remove_leftover_parts(store_path, parts_dir, break_lock)
+            print(f"teach: {store_path} is up to date (fingerprint {spec.fingerprint()}); nothing to do")
+        return _summary(store_path, spec, manifest.num_samples, 0, 0, time.perf_counter() - start_time)
+    device = _resolve_device(device)
+    rank, world_size = _init_distributed(device, timedelta(minutes=timeout_min))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    lock = _lock_store(store_path, rank, world_size, break_lock)
+    try:
+        if _store_is_current(store_path, spec, overwrite):  # written by another pass since the check above
             if rank == 0:
-                shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed right after its merge
-                print(f"teach: {store_path} is up to date (fingerprint {spec.fingerprint()}); nothing to do")
+                print(f"teach: {store_path} was written by another pass meanwhile; nothing to do")
             return _summary(store_path, spec, manifest.num_samples, 0, 0, time.perf_counter() - start_time)
-        if not overwrite:
-            raise StoreError(
-                f"{store_path} exists and was made from something else ({'; '.join(found.differences(spec))}); "
-                "pass teach.overwrite=true to replace it, or choose another store.path"
-            )
-        _barrier(world_size)  # every rank has read the old store before rank 0 removes it
-        if rank == 0:
-            store_path.unlink()
-    parts_dir.mkdir(parents=True, exist_ok=True)
+        if store_path.exists():  # made from something else, to be replaced (else the check raised)
+            _barrier(world_size)  # every rank has read the old store before rank 0 removes it
+            if rank == 0:
+                store_path.unlink()
+        parts_dir.mkdir(parents=True, exist_ok=True)
 
-    mine = manifest.shards[rank::world_size]
-    pending = [shard for shard in mine if not _part_done(parts_dir / f"{shard.name}.h5", spec, shard, overwrite)]
-    if pending:
-        _run_shards(shards_dir, pending, parts_dir, spec, ensemble, batch_size, num_workers, precision, device,
-                    progress and rank == 0)
-    _barrier(world_size)
-    if rank == 0:
-        for stale in [*parts_dir.glob("*.tmp-*"), *store_path.parent.glob(f"{store_path.name}.tmp-*")]:
-            stale.unlink()  # temporary files of a killed run: every rank has finished writing
-        merge_parts(store_path, spec, [parts_dir / f"{shard.name}.h5" for shard in manifest.shards])
-        shutil.rmtree(parts_dir)
-        print(f"teach: store written to {store_path}")
-    _barrier(world_size)
+        mine = manifest.shards[rank::world_size]
+        pending = [shard for shard in mine if not _part_done(parts_dir / f"{shard.name}.h5", spec, shard, overwrite)]
+        if pending:
+            _run_shards(shards_dir, pending, parts_dir, spec, ensemble, batch_size, num_workers, precision, device,
+                        progress and rank == 0)
+        _barrier(world_size)
+        if rank == 0:
+            for stale in [*parts_dir.glob("*.tmp-*"), *store_path.parent.glob(f"{store_path.name}.tmp-*")]:
+                stale.unlink()  # temporary files of a killed run: every rank has finished writing
+            merge_parts(store_path, spec, [parts_dir / f"{shard.name}.h5" for shard in manifest.shards])
+            shutil.rmtree(parts_dir)
+            print(f"teach: store written to {store_path}")
+        _barrier(world_size)
+    finally:
+        if lock is not None:
+            lock.release()
     done = sum(shard.num_samples for shard in pending)
     return _summary(store_path, spec, manifest.num_samples, done, len(mine) - len(pending),
                     time.perf_counter() - start_time)
+
+
+def _store_is_current(store_path: Path, spec: StoreSpec, overwrite: bool) -> bool:
+    """True if the store exists with `spec`'s fingerprint; False if it is absent or is to be replaced (`overwrite`).
+
+    Raises:
+        StoreError: the store is unreadable or made from something else, and `overwrite` is off.
+    """
+    if not store_path.exists():
+        return False
+    try:
+        with TeacherStore(store_path) as existing:
+            found = existing.spec
+    except StoreError:
+        if not overwrite:
+            raise
+        return False  # unreadable: replaced like a store of other settings
+    if found.fingerprint() == spec.fingerprint():
+        return True
+    if not overwrite:
+        raise StoreError(
+            f"{store_path} exists and was made from something else ({'; '.join(found.differences(spec))}); "
+            "pass teach.overwrite=true to replace it, or choose another store.path"
+        )
+    return False
+
+
+def _remove_leftover_parts(store_path: Path, parts_dir: Path, break_lock: bool) -> None:
+    """Remove the parts of a pass killed right after its merge, unless another pass holds the lock (they are its)."""
+    if not parts_dir.exists():
+        return
+    try:
+        with StoreLock.acquire(store_path, break_lock=break_lock):
+            shutil.rmtree(parts_dir, ignore_errors=True)
+    except StoreLockedError as error:
+        print(f"teach: leaving {parts_dir} alone: {error}")
+
+
+def _lock_store(store_path: Path, rank: int, world_size: int, break_lock: bool) -> StoreLock | None:
+    """Rank 0 takes the store's lock (None on the other ranks); a refusal stops every rank now, with its message,
+    rather than at the next barrier."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = StoreLock.acquire(store_path, break_lock=break_lock)
+        except StoreLockedError as error:
+            refusal = str(error)
+    if world_size > 1:
+        shared = [refusal]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise StoreLockedError(refusal)
+    return lock
 
 
 def _part_done(path: Path, spec: StoreSpec, shard: ShardInfo, overwrite: bool) -> bool:
@@ -201,10 +280,10 @@ def _run_shards(
 ) -> None:
     """Render, run and write `shards` (all views), one part file per finished shard."""
     dataset = ViewDataset(shards_dir, sampler=ViewSampler(spec.augment, spec.seed), views=range(spec.num_views),
-                          shard_names=[shard.name for shard in shards], rank=0, world_size=1, batch_size=batch_size)
+                          shard_names=[shard.name for shard in shards], batch_size=batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    autocast_dtype = AUTOCAST_DTYPES[precision] if device.type == "cuda" else None
+    dtype = autocast_dtype("teach.precision", precision, device)
     ensemble = ensemble.to(device).eval()
     shard_by_name = {shard.name: shard for shard in shards}
     buffers: dict[str, dict] = {}
@@ -217,8 +296,7 @@ def _run_shards(
     with tqdm(total=len(dataset), unit="view", desc="teach", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             mel_db = batch["mel_db"].to(device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                        enabled=autocast_dtype is not None):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 probs = ensemble(mel_db)
             values, indices = probs.float().topk(spec.top_k, dim=1)
             name = batch["shard"][0]

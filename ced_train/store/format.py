@@ -1,0 +1,238 @@
+"""The store's on-disk layout, its format version, the spec that names a store, and the reader `TeacherStore`.
+
+Layout (format version 1), clips in shard-manifest order then each shard's stored order:
+
+    keys           (clips,)            S<n>     clip keys, UTF-8
+    shard_names    (shards,)           S<n>     shard names, manifest order
+    shard_offsets  (shards + 1,)       int64    shard i holds clips [offsets[i], offsets[i + 1])
+    topk_values    (views, clips, k)   float16  ensemble probabilities, descending
+    topk_indices   (views, clips, k)   int16    class indices; -1 marks a (clip, view) never written
+    view_params    (views, clips)      13-byte compound `augment.VIEW_PARAMS_DTYPE`
+
+Chunks hold one view of `CHUNK_CLIPS` consecutive clips: the student reads one view of consecutive clips of a shard.
+Part files (one shard each, `writing.write_part`) have the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig
+
+FORMAT_VERSION = 1
+CHUNK_CLIPS = 1024
+INDEX_DTYPE = np.dtype("<i2")
+VALUE_DTYPE = np.dtype("<f2")
+MISSING_INDEX = -1
+DATASETS = ("keys", "shard_names", "shard_offsets", "topk_values", "topk_indices", "view_params")
+
+
+class StoreError(RuntimeError):
+    """A store that is unreadable, incomplete or does not match what it is used with; the message says what."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store is made from; its `fingerprint` names it, and a reused part or store must match it.
+
+    Args:
+        manifest_fingerprint: fingerprint of the shard manifest the pass read.
+        augment: the augmentation config the views were sampled from.
+        seed: the global seed keying the counter-based parameter generator.
+        teachers: one `{"file": name, "sha256": hex, ...}` per teacher checkpoint, in ensemble order.
+        averaging: how the ensemble combines teachers ("probs" or "logits").
+        top_k: outputs kept per (clip, view).
+        num_views: views per clip.
+        num_classes: classes of the teachers.
+    """
+
+    manifest_fingerprint: str
+    augment: AugmentConfig
+    seed: int
+    teachers: tuple[dict, ...]
+    averaging: str
+    top_k: int
+    num_views: int
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_classes <= np.iinfo(INDEX_DTYPE).max:
+            raise ValueError(f"num_classes={self.num_classes} does not fit the store's int16 class indices")
+        if not 0 < self.top_k <= self.num_classes:
+            raise ValueError(f"top_k={self.top_k} must lie in [1, num_classes={self.num_classes}]")
+        if self.num_views < 1:
+            raise ValueError(f"num_views={self.num_views} must be at least 1")
+
+    def to_attrs(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint(),
+            "manifest_fingerprint": self.manifest_fingerprint,
+            "augment": self.augment.to_json(),
+            "seed": self.seed,
+            "teachers": json.dumps(list(self.teachers), sort_keys=True),
+            "averaging": self.averaging,
+            "top_k": self.top_k,
+            "num_views": self.num_views,
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "StoreSpec":
+        return cls(
+            manifest_fingerprint=str(attrs["manifest_fingerprint"]),
+            augment=AugmentConfig.from_json(str(attrs["augment"])),
+            seed=int(attrs["seed"]),
+            teachers=tuple(json.loads(str(attrs["teachers"]))),
+            averaging=str(attrs["averaging"]),
+            top_k=int(attrs["top_k"]),
+            num_views=int(attrs["num_views"]),
+            num_classes=int(attrs["num_classes"]),
+        )
+
+    def fingerprint(self) -> str:
+        identity = dataclasses.asdict(self) | {"augment": self.augment.to_json(), "format_version": FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+    def differences(self, other: "StoreSpec") -> list[str]:
+        """Readable `field: mine != theirs` lines (augmentation compared field by field)."""
+        lines = [f"augment.{line}" for line in self.augment.differences(other.augment)]
+        for field in dataclasses.fields(self):
+            if field.name != "augment" and getattr(self, field.name) != getattr(other, field.name):
+                lines.append(f"{field.name}: {getattr(self, field.name)!r} != {getattr(other, field.name)!r}")
+        return lines
+
+
+def create_layout(file: h5py.File, spec: StoreSpec, keys: list[str], shard_names: list[str], offsets: list[int]):
+    """Write the attributes and index datasets into a new file and create the (unfilled) per-view datasets."""
+    num_clips = len(keys)
+    file.attrs.update(spec.to_attrs())
+    file.attrs["num_clips"] = num_clips
+    encoded = [key.encode() for key in keys]
+    file.create_dataset("keys", data=np.array(encoded, dtype=f"S{max(map(len, encoded), default=1)}"))
+    names = [name.encode() for name in shard_names]
+    file.create_dataset("shard_names", data=np.array(names, dtype=f"S{max(map(len, names), default=1)}"))
+    file.create_dataset("shard_offsets", data=np.asarray(offsets, dtype=np.int64))
+    shape = (spec.num_views, num_clips)
+    # HDF5 refuses chunks larger than the data: a part of a shard without clips is stored contiguous (and empty).
+    chunk = (1, min(CHUNK_CLIPS, num_clips)) if num_clips else None
+    topk_chunk = chunk + (spec.top_k,) if chunk else None
+    file.create_dataset("topk_values", shape=shape + (spec.top_k,), dtype=VALUE_DTYPE, chunks=topk_chunk)
+    file.create_dataset(
+        "topk_indices", shape=shape + (spec.top_k,), dtype=INDEX_DTYPE, chunks=topk_chunk, fillvalue=MISSING_INDEX
+    )
+    file.create_dataset("view_params", shape=shape, dtype=VIEW_PARAMS_DTYPE, chunks=chunk)
+
+
+def open_for_reading(path: str | Path) -> h5py.File:
+    """Open a store or part read-only without HDF5's file locks. Lustre and NFS often refuse or mishandle those
+    locks, and no reader needs them: every file is complete before it is renamed into place and never written
+    again."""
+    return h5py.File(path, "r", locking=False)
+
+
+class TeacherStore:
+    """Read access to a store. Picklable: the HDF5 handle opens on first use in each process (DataLoader worker).
+
+    Args:
+        path: the store file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+        try:
+            self._read_header(self.file)
+        except BaseException:
+            self.close()  # a refused file is not left open
+            raise
+        self._shard_index = {name: i for i, name in enumerate(self.shard_names)}
+
+    def _read_header(self, file: h5py.File) -> None:
+        try:
+            version = int(file.attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise StoreError(f"{self.path}: format version {version}, this code reads {FORMAT_VERSION}")
+            missing = [name for name in DATASETS if name not in file]
+            if missing:
+                raise StoreError(f"{self.path}: missing datasets {missing}")
+            self.spec = StoreSpec.from_attrs(file.attrs)
+            self.shard_names = [name.decode() for name in file["shard_names"][:]]
+            self.shard_offsets = file["shard_offsets"][:].tolist()
+            self.num_clips = int(file.attrs["num_clips"])
+        except KeyError as error:
+            raise StoreError(f"{self.path}: attribute or dataset {error} missing: not a teacher store") from error
+
+    @property
+    def file(self) -> h5py.File:
+        """The open HDF5 file (opened in this process on first use), for readers of whole datasets (checks)."""
+        if self._file is None:
+            if not self.path.is_file():
+                raise StoreError(f"teacher store not found: {self.path}")
+            try:
+                self._file = open_for_reading(self.path)
+            except OSError as error:
+                raise StoreError(f"{self.path}: cannot open as HDF5 (truncated or not a store): {error}") from error
+        return self._file
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "TeacherStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def num_views(self) -> int:
+        return self.spec.num_views
+
+    @property
+    def top_k(self) -> int:
+        return self.spec.top_k
+
+    def keys(self, start: int = 0, stop: int | None = None) -> list[str]:
+        return [key.decode() for key in self.file["keys"][start:stop]]
+
+    def shard_rows(self, shard_name: str) -> tuple[int, int]:
+        """`[start, stop)` store rows of shard `shard_name` (its clips in stored order)."""
+        if shard_name not in self._shard_index:
+            raise StoreError(f"{self.path}: no shard {shard_name!r} (store holds {len(self.shard_names)} shards)")
+        i = self._shard_index[shard_name]
+        return self.shard_offsets[i], self.shard_offsets[i + 1]
+
+    def read(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One view of store rows `[start, stop)` → (topk_values float16 (n, k), topk_indices int16 (n, k),
+        view_params (n,))."""
+        if not 0 <= view < self.num_views:
+            raise IndexError(f"{self.path}: view {view} outside [0, {self.num_views})")
+        file = self.file
+        try:
+            return (
+                file["topk_values"][view, start:stop],
+                file["topk_indices"][view, start:stop],
+                file["view_params"][view, start:stop],
+            )
+        except OSError as error:
+            raise StoreError(f"{self.path}: read of view {view}, rows {start}:{stop} failed: {error}") from error
+
+
+def topk_to_dense(values: np.ndarray, indices: np.ndarray, num_classes: int, fill: float = 0.0) -> np.ndarray:
+    """`(n, k)` top-k values and class indices → `(n, num_classes)` float32 targets; classes outside the top-k get
+    `fill` (0, the paper's default)."""
+    dense = np.full((values.shape[0], num_classes), fill, dtype=np.float32)
+    np.put_along_axis(dense, indices.astype(np.int64), values.astype(np.float32), axis=1)
+    return dense

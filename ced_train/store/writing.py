@@ -1,0 +1,233 @@
+"""Writing a store: one part file per shard, the merge of the parts into the store, and the lock that lets one
+teacher pass at a time write them. Every file is written under a temporary name, fsynced and renamed, so a file
+that exists is complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ced_train.store.format import (
+    INDEX_DTYPE,
+    VALUE_DTYPE,
+    StoreError,
+    StoreSpec,
+    create_layout,
+    open_for_reading,
+)
+
+
+def _atomic_target(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _finish_atomically(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_part(
+    path: str | Path,
+    spec: StoreSpec,
+    shard_name: str,
+    keys: list[str],
+    view_params: np.ndarray,
+    topk_values: np.ndarray,
+    topk_indices: np.ndarray,
+) -> Path:
+    """Write the complete result for one shard (all views) atomically: temporary name, fsync, rename.
+
+    Args:
+        keys: the shard's clip keys in stored order, `n` of them.
+        view_params: `(views, n)` `VIEW_PARAMS_DTYPE`.
+        topk_values: `(views, n, k)` probabilities (stored as float16); topk_indices: `(views, n, k)` class indices.
+    """
+    path = Path(path)
+    expected = (spec.num_views, len(keys))
+    for name, array, shape in (
+        ("view_params", view_params, expected),
+        ("topk_values", topk_values, expected + (spec.top_k,)),
+        ("topk_indices", topk_indices, expected + (spec.top_k,)),
+    ):
+        if array.shape != shape:
+            raise ValueError(f"part {shard_name}: {name} has shape {array.shape}, expected {shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(path)
+    with h5py.File(tmp, "w") as file:
+        create_layout(file, spec, keys, [shard_name], [0, len(keys)])
+        file["view_params"][...] = view_params
+        file["topk_values"][...] = topk_values.astype(VALUE_DTYPE)
+        file["topk_indices"][...] = topk_indices.astype(INDEX_DTYPE)
+    _finish_atomically(tmp, path)
+    return path
+
+
+def part_is_complete(path: str | Path, spec: StoreSpec, shard_name: str, num_clips: int) -> bool:
+    """True if `path` is a finished part of this spec for this shard.
+
+    Raises:
+        StoreError: the part exists but was made from something else (a different spec, shard or clip count);
+            it is never silently replaced.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with open_for_reading(path) as file:
+            found = StoreSpec.from_attrs(file.attrs)
+            names = [name.decode() for name in file["shard_names"][:]]
+            clips = int(file.attrs["num_clips"])
+    except (OSError, KeyError) as error:
+        raise StoreError(f"part {path} is unreadable ({error}); delete it to redo shard {shard_name}") from error
+    if found.fingerprint() != spec.fingerprint():
+        raise StoreError(
+            f"part {path} was written for another pass (fingerprint {found.fingerprint()}, this pass "
+            f"{spec.fingerprint()}): {'; '.join(found.differences(spec))}. Delete it (or all of {path.parent}), or "
+            "let the pass replace it (teach.overwrite=true)."
+        )
+    if names != [shard_name] or clips != num_clips:
+        raise StoreError(f"part {path} holds {names} with {clips} clips, expected {shard_name} with {num_clips}")
+    return True
+
+
+def merge_parts(path: str | Path, spec: StoreSpec, parts: list[str | Path]) -> Path:
+    """Concatenate part files (in the given order: the manifest's shard order) into the store at `path`, atomically.
+
+    Every part must carry `spec`'s fingerprint.
+    """
+    path = Path(path)
+    headers = []
+    for part in parts:
+        with open_for_reading(part) as file:
+            if file.attrs["fingerprint"] != spec.fingerprint():
+                raise StoreError(f"part {part} has fingerprint {file.attrs['fingerprint']}, expected "
+                                 f"{spec.fingerprint()}")
+            headers.append(([key.decode() for key in file["keys"][:]], file["shard_names"][0].decode()))
+    keys = [key for part_keys, _ in headers for key in part_keys]
+    offsets = np.cumsum([0] + [len(part_keys) for part_keys, _ in headers]).tolist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(path)
+    with h5py.File(tmp, "w") as out:
+        create_layout(out, spec, keys, [name for _, name in headers], offsets)
+        for part, start, stop in zip(parts, offsets[:-1], offsets[1:]):
+            with open_for_reading(part) as file:
+                for name in ("topk_values", "topk_indices", "view_params"):
+                    out[name][:, start:stop] = file[name][...]
+    _finish_atomically(tmp, path)
+    return path
+
+
+class StoreLockedError(StoreError):
+    """Another teacher pass holds the store's lock."""
+
+
+class StoreLock:
+    """The lock file `<store>.lock` of the one pass that writes a store's parts and merges them.
+
+    It is created with `O_CREAT | O_EXCL`, which is atomic on local file systems, NFS and Lustre, where advisory
+    locks (flock, fcntl) are often unavailable or not seen across nodes. It holds the holder as JSON: host, pid, pid
+    namespace, start time and a random token. A lock whose holder ran in this host's process space and is gone (a
+    killed pass) is removed by the next pass; any other lock stays until its file is deleted or a pass is started with
+    `break_lock=True` (`teach.break_lock=true`).
+    """
+
+    def __init__(self, path: Path, holder: dict) -> None:
+        self.path = path
+        self.holder = holder
+
+    @staticmethod
+    def path_of(store_path: str | Path) -> Path:
+        store_path = Path(store_path)
+        return store_path.with_name(store_path.name + ".lock")
+
+    @classmethod
+    def acquire(cls, store_path: str | Path, break_lock: bool = False) -> "StoreLock":
+        """Take the lock of the store at `store_path`.
+
+        Raises:
+            StoreLockedError: another pass holds it (the message names the holder and how to break a stale lock).
+        """
+        path = cls.path_of(store_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The token tells this acquisition from a later one of the same process (see `release`).
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": os.urandom(8).hex()}
+        try:
+            return cls._create(path, holder)
+        except FileExistsError:
+            found = _read_holder(path)
+        if not (break_lock or _holder_is_gone(found)):
+            raise StoreLockedError(_locked_message(store_path, path, found))
+        reason = "teach.break_lock=true" if break_lock else "its process is gone"
+        print(f"store: removing the lock {path} of {_describe(found)} ({reason})", flush=True)
+        path.unlink(missing_ok=True)
+        try:
+            return cls._create(path, holder)
+        except FileExistsError:  # another pass took it in between
+            raise StoreLockedError(_locked_message(store_path, path, _read_holder(path))) from None
+
+    @classmethod
+    def _create(cls, path: Path, holder: dict) -> "StoreLock":
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(holder, handle)
+        return cls(path, holder)
+
+    def release(self) -> None:
+        """Remove the lock file, unless it is no longer this pass's (broken and taken by another pass)."""
+        if _read_holder(self.path) == self.holder:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StoreLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (Linux), so that a pid is only judged in the namespace it belongs to."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _read_holder(path: Path) -> dict | None:
+    """The holder recorded in a lock file; None when it is gone, empty (being written) or unreadable."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _holder_is_gone(holder: dict | None) -> bool:
+    """True only for a holder of this host and pid namespace whose process no longer exists."""
+    if holder is None or (holder.get("host"), holder.get("pid_namespace")) != (socket.gethostname(), _pid_namespace()):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return False  # alive under another user, or a holder without a usable pid
+    return False
+
+
+def _locked_message(store_path: str | Path, path: Path, holder: dict | None) -> str:
+    return (f"{store_path} is being written by another teacher pass ({_describe(holder)}; lock file {path}); if that "
+            f"pass is no longer running, delete {path} or set teach.break_lock=true")
+
+
+def _describe(holder: dict | None) -> str:
+    if holder is None:
+        return "holder unknown: the lock file is empty or unreadable"
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
