@@ -77,11 +77,23 @@ def test_front_end_equals_torchaudio_melspectrogram_and_amplitude_to_db(case):
     expected_power = FIXTURE[f"frontend/{case}/power_mel"]
     assert power.shape == expected_power.shape
     np.testing.assert_allclose(power / expected_power.max(), expected_power / expected_power.max(), rtol=0, atol=1e-6)
-    db = front_end(wave)[0].numpy()
-    expected_db = FIXTURE[f"frontend/{case}/db"]
-    # Within 80 dB of the peak float32 STFT leakage is negligible; below it, correct implementations differ by ~0.1 dB.
-    strong = expected_db > expected_db.max() - 80
-    np.testing.assert_allclose(db[strong], expected_db[strong], rtol=0, atol=1e-4)
+    assert_db_close(front_end(wave)[0].numpy(), FIXTURE[f"frontend/{case}/db"])
+
+
+def assert_db_close(db: np.ndarray, expected_db: np.ndarray) -> None:
+    """dB values against the fixture's, within float32 rounding of the power at each level below the peak.
+
+    A power error of δ moves a bin of power P by 4.34·δ/P dB. float32 STFTs err by δ ≈ 2e-10 of the peak power, and
+    releases round differently (the fixture is torch 2.11's; torch 2.14 differs from it by up to 7.5e-10·10^(d/10)
+    dB at d dB below the peak, 1e-5 dB near it), so the bound is 1e-5 + 3e-9·10^(d/10) dB: 1.3e-5 dB within 30 dB
+    of the peak, 3e-3 dB at 60 dB; everywhere, also below 80 dB where the floor decides, 0.2 dB.
+    """
+    below = expected_db.max() - expected_db
+    atol = 1e-5 + 3e-9 * 10.0 ** (below / 10.0)
+    near = below < 80
+    worst = np.argmax(np.abs(db - expected_db)[near] - atol[near])
+    assert np.all(np.abs(db - expected_db)[near] <= atol[near]), (
+        f"{db[near][worst]} != {expected_db[near][worst]} at {below[near][worst]:.1f} dB below the peak")
     np.testing.assert_allclose(db, expected_db, rtol=0, atol=0.2)
 
 
@@ -90,10 +102,8 @@ def test_front_end_floor_is_per_clip_where_torchaudio_takes_it_over_the_batch():
     db = LogMelFrontEnd()(wave).numpy()
     per_clip = FIXTURE["frontend/louder_batch/db_per_clip_floor"]
     batch_floor = FIXTURE["frontend/louder_batch/db_batch_floor"]
-    for clip in range(2):
-        strong = per_clip[clip] > per_clip[clip].max() - 80
-        np.testing.assert_allclose(db[clip][strong], per_clip[clip][strong], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(db[clip].min(), per_clip[clip].min(), rtol=0, atol=1e-4)
+    for clip in range(2):  # every value, the floor included, within the rounding bound of `assert_db_close`
+        assert_db_close(db[clip], per_clip[clip])
     assert not np.allclose(db[0], batch_floor[0], atol=1.0)
 
 
