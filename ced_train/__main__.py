@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -152,12 +154,17 @@ def lightning_starts_processes(cfg: DictConfig) -> bool:
 
 
 def check_stage_list(cfg: DictConfig) -> None:
-    """Refuse stage lists that break when Lightning starts the processes: it re-runs the whole app in each child
-    from the first training stage on, so a second training stage would start processes again beside running ones,
+    """Refuse runs that break when Lightning starts the processes: it re-runs the whole command line in each child
+    (a sweep too) and the app from the first training stage on, so a second training stage would start processes again beside running ones,
     and a teacher pass after training would run in every process. Stages before the first training stage run in
     the parent alone (the children find their outputs done); after it, only evaluate (rank 0) may follow."""
     if not lightning_starts_processes(cfg):
         return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise StageListError(
+            f"a -m sweep under trainer.strategy={cfg.trainer.strategy} with trainer.devices={cfg.trainer.devices}: "
+            "Lightning starts each job's processes by re-running the command line, which would start the sweep "
+            "again in every process; sweep through hydra/launcher=slurm (one task per GPU) or run the jobs one by one")
     stages = list(cfg.stages)
     first = next((i for i, stage in enumerate(stages) if stage in TRAINING_STAGES), None)
     after = [stage for stage in stages[first + 1 :] if stage != "evaluate"] if first is not None else []

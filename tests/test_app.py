@@ -110,10 +110,10 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_on_every_node(tmp_path):
     assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/runs/audioset_small_full/multirun/")
 
 
-def app(tmp_path, *overrides):
+def app(tmp_path, *overrides, flags=()):
     env = {key: value for key, value in os.environ.items()
            if key not in ("AUDIOSET_DIR", "CED_CHECKPOINTS_DIR", "CED_DATA_DIR", "CED_RUNS_DIR", "LOCAL_RANK", "RANK")}
-    return subprocess.run([sys.executable, "-m", "ced_train", f"paths.root_dir={tmp_path}",
+    return subprocess.run([sys.executable, "-m", "ced_train", *flags, f"paths.root_dir={tmp_path}",
                            f"hydra.run.dir={tmp_path}/run", *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env={**env, "CED_ROOT": str(tmp_path)})
 
@@ -133,3 +133,10 @@ def test_missing_inputs_are_reported_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: missing inputs:")
     assert "paths.checkpoints_dir is not set" in result.stderr
+
+
+def test_a_sweep_whose_jobs_lightning_would_relaunch_is_refused_in_one_line(tmp_path):
+    result = app(tmp_path, "stages=[evaluate]", "evaluate.checkpoint=x.pt", "trainer=cpu", "trainer.devices=2",
+                 "trainer.strategy=ddp", "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep", flags=["-m"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: a -m sweep under trainer.strategy=ddp with trainer.devices=2" in result.stderr

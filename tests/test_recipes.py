@@ -201,7 +201,8 @@ def test_audioset_run_with_missing_paths_stops_before_any_stage_naming_path_and_
                             cwd=REPO, env=environ, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "MissingInputError" in output and "missing inputs:" in output
+    # One error line listing every missing input, not a traceback.
+    assert result.stderr.startswith("error: missing inputs:") and "Traceback" not in output
     # A path that is set but empty: the file, and the option it comes from.
     assert f"prepare.splits.balanced_train.audio_dir = {empty}/audio, which does not exist" in output
     assert f"prepare.splits.balanced_train.segments[0] = {empty}/balanced_train_segments.csv" in output
