@@ -12,6 +12,7 @@ then `.progress/` is removed.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -41,7 +42,7 @@ from ced_train.data.manifest import (
     write_manifest,
     write_skipped,
 )
-from ced_train.data.shards import SHARD_FORMAT_VERSION, ShardWriter, encode_flac, sample_digest
+from ced_train.data.shards import CODECS, SHARD_FORMAT_VERSION, ShardWriter, encode_audio, sample_digest
 from ced_train.labels import ClassLabels
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
@@ -74,7 +75,7 @@ class SourceRow:
 @dataclass(frozen=True)
 class _EncodedClip:
     key: str
-    flac: bytes
+    audio: bytes
     record: dict
     pcm_sha256: str
 
@@ -121,8 +122,9 @@ def _plan_id(plan: list[list[SourceRow]], skips: list[Skip], classes: ClassLabel
     return digest.hexdigest()
 
 
-def encode_row(row: SourceRow) -> _EncodedClip | Skip:
-    """Decode one input file and encode it in the shard format, or say why it cannot be written (runs in workers)."""
+def encode_row(row: SourceRow, codec: str = "flac") -> _EncodedClip | Skip:
+    """Decode one input file and encode it in the shard format (`codec`), or say why it cannot be written (runs in
+    workers)."""
     if not row.path.is_file():
         return Skip(row.source_row, row.key, MISSING, f"{row.path} disappeared after the inputs were listed")
     try:
@@ -132,14 +134,14 @@ def encode_row(row: SourceRow) -> _EncodedClip | Skip:
     num_samples = len(decoded.waveform)
     if num_samples == 0:
         return Skip(row.source_row, row.key, EMPTY, f"{row.source_file}: decodes to 0 samples")
-    flac, pcm_sha256 = encode_flac(decoded.waveform)
+    audio, pcm_sha256 = encode_audio(decoded.waveform, codec)
     record = {
         "key": row.key, "labels": list(row.labels), "mids": list(row.mids),
         "duration_s": num_samples / SAMPLE_RATE, "num_samples": num_samples, "sample_rate": SAMPLE_RATE,
         "source_rate": decoded.source_rate, "source_channels": decoded.source_channels,
         "source_file": row.source_file, **row.extra,
     }
-    return _EncodedClip(row.key, flac, record, pcm_sha256)
+    return _EncodedClip(row.key, audio, record, pcm_sha256)
 
 
 def process_pool(workers: int) -> multiprocessing.pool.Pool:
@@ -150,15 +152,17 @@ def process_pool(workers: int) -> multiprocessing.pool.Pool:
     return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
 
 
-def _encoded_rows(rows: list[SourceRow], workers: int) -> Iterator[_EncodedClip | Skip]:
+def _encoded_rows(rows: list[SourceRow], workers: int, codec: str) -> Iterator[_EncodedClip | Skip]:
+    encode = functools.partial(encode_row, codec=codec)
     if workers <= 1:
-        yield from map(encode_row, rows)
+        yield from map(encode, rows)
         return
     with process_pool(workers) as pool:
-        yield from pool.imap(encode_row, rows, chunksize=2)
+        yield from pool.imap(encode, rows, chunksize=2)
 
 
-def _write_shard(out_dir: Path, name: str, results: Iterator[_EncodedClip | Skip], count: int, bar: tqdm) -> dict:
+def _write_shard(out_dir: Path, name: str, results: Iterator[_EncodedClip | Skip], count: int, bar: tqdm,
+                 codec: str) -> dict:
     """Write the next `count` results as shard `name` and return its progress record (info + its skips).
 
     The record is saved before the shard is renamed into place, so a visible shard always has one and a re-run keeps
@@ -173,7 +177,7 @@ def _write_shard(out_dir: Path, name: str, results: Iterator[_EncodedClip | Skip
             if isinstance(result, Skip):
                 skips.append(result)
                 continue
-            writer.add(result.key, result.flac, result.record)
+            writer.add(result.key, result.audio, result.record, codec)
             keys.append(result.key)
             class_counts.update(result.record["labels"])
             duration_s += result.record["duration_s"]
@@ -246,6 +250,7 @@ def build_shards(
     tool: str,
     labelled: bool,
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    codec: str = "flac",
     workers: int = 1,
     seed: int = 0,
     overwrite: bool = False,
@@ -261,8 +266,10 @@ def build_shards(
     if duplicates:
         raise ValueError(f"sample keys must be unique; repeated: {duplicates[:5]}")
     plan = plan_shards(rows, samples_per_shard, seed)
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} unknown; expected one of {', '.join(CODECS)}")
     settings = {"tool": tool, "format": SHARD_FORMAT_VERSION, "seed": seed, "samples_per_shard": samples_per_shard,
-                "labelled": labelled}
+                "labelled": labelled, "codec": codec}
     plan_id = _plan_id(plan, known_skips, classes, settings)
     if _prepare_out_dir(out_dir, plan_id, overwrite):
         return _report_from_manifest(out_dir, workers)
@@ -274,9 +281,9 @@ def build_shards(
     start = time.perf_counter()
     with tqdm(total=len(rows), initial=len(rows) - len(todo), unit="clip", desc=f"sharding {out_dir.name}",
               file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-        with closing(_encoded_rows(todo, workers)) as results:
+        with closing(_encoded_rows(todo, workers, codec)) as results:
             for name, shard_rows in pending:
-                records[name] = _write_shard(out_dir, name, results, len(shard_rows), bar)
+                records[name] = _write_shard(out_dir, name, results, len(shard_rows), bar, codec)
     elapsed_s = time.perf_counter() - start
 
     order = {item.source_row: i for i, item in enumerate(inputs)}
@@ -291,7 +298,7 @@ def build_shards(
     write_skipped(out_dir, skips)
     write_manifest(out_dir, {
         "tool": tool, "tool_version": __version__, "seed": seed, "samples_per_shard": samples_per_shard,
-        "sample_rate": SAMPLE_RATE, "labelled": labelled, "num_classes": len(classes),
+        "codec": codec, "sample_rate": SAMPLE_RATE, "labelled": labelled, "num_classes": len(classes),
         "class_labels": {"mids": list(classes.mids), "names": list(classes.names)},
         "num_rows": len(inputs), "num_written": sum(info["num_samples"] for info in shard_infos),
         "skipped_by_reason": dict(Counter(skip.reason for skip in skips).most_common()),
@@ -349,6 +356,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory for shards, manifest, skip report")
     parser.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
                         help=f"clips per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
+    parser.add_argument("--codec", choices=CODECS, default="flac",
+                        help="audio in the shards: flac (compact, default) or pcm16 (raw int16, about twice the bytes, "
+                             "no decoding: for nodes where FLAC decoding bounds the loaders)")
     parser.add_argument("--workers", type=int, default=available_cpus(),
                         help="decoding processes (default: the CPUs available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
@@ -362,7 +372,8 @@ def run_cli(inputs: Sequence[SourceRow | Skip], classes: ClassLabels, args: argp
     """Shared tail of the data_prep CLIs: build, print the accounting, map refusals to exit code 2."""
     try:
         report = build_shards(inputs, args.out, classes, tool=tool, labelled=labelled,
-                              samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed,
+                              samples_per_shard=args.samples_per_shard, codec=args.codec, workers=args.workers,
+                              seed=args.seed,
                               overwrite=args.overwrite, progress=not args.no_progress)
     except ShardingError as error:
         print(f"{tool}: error: {error}", file=sys.stderr)

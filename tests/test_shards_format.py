@@ -1,7 +1,10 @@
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +20,8 @@ from ced_train.data import (
     Skip,
     check_key,
     compute_fingerprint,
-    decode_flac,
-    encode_flac,
+    decode_audio,
+    encode_audio,
     iter_shard,
     read_manifest,
     read_shard,
@@ -35,7 +38,7 @@ def waveform(seconds: float, seed: int) -> np.ndarray:
 def write_test_shard(path, clips):
     with ShardWriter(path) as writer:
         for key, wave, labels in clips:
-            flac, _ = encode_flac(wave)
+            flac, _ = encode_audio(wave)
             writer.add(key, flac, {"key": key, "labels": labels, "duration_s": len(wave) / SAMPLE_RATE})
 
 
@@ -100,7 +103,7 @@ def test_dotted_audioset_name_would_break_webdataset_keys_so_writer_refuses_it(t
 
 
 def test_writer_rejects_duplicate_keys_and_leaves_nothing_visible_on_error(tmp_path):
-    flac, _ = encode_flac(waveform(0.1, 0))
+    flac, _ = encode_audio(waveform(0.1, 0))
     with pytest.raises(ValueError, match="duplicate"):
         with ShardWriter(tmp_path / "s.tar") as writer:
             writer.add("k", flac, {"key": "k"})
@@ -110,7 +113,7 @@ def test_writer_rejects_duplicate_keys_and_leaves_nothing_visible_on_error(tmp_p
 
 def test_shard_is_invisible_until_closed(tmp_path):
     writer = ShardWriter(tmp_path / "s.tar")
-    writer.add("k", encode_flac(waveform(0.1, 0))[0], {"key": "k"})
+    writer.add("k", encode_audio(waveform(0.1, 0))[0], {"key": "k"})
     assert not (tmp_path / "s.tar").exists()
     writer.close()
     assert [p.name for p in tmp_path.iterdir()] == ["s.tar"]
@@ -118,7 +121,7 @@ def test_shard_is_invisible_until_closed(tmp_path):
 
 def test_finish_reports_size_and_hash_before_publish_makes_the_shard_visible(tmp_path):
     writer = ShardWriter(tmp_path / "s.tar")
-    writer.add("k", encode_flac(waveform(0.1, 0))[0], {"key": "k"})
+    writer.add("k", encode_audio(waveform(0.1, 0))[0], {"key": "k"})
     size, sha256 = writer.finish()
     assert not (tmp_path / "s.tar").exists()
     writer.publish()
@@ -134,22 +137,22 @@ def test_equal_content_gives_byte_identical_shards(tmp_path):
 
 def test_encode_flac_clips_out_of_range_samples_and_hashes_what_is_stored():
     loud = np.array([2.0, -2.0, 0.5], dtype=np.float32)
-    flac, digest = encode_flac(loud)
-    np.testing.assert_allclose(decode_flac(flac), [32767 / 32768, -1.0, 0.5], atol=1e-4)
-    assert digest == encode_flac(np.array([1.0, -1.5, 0.5], dtype=np.float32))[1]  # same int16 after clipping
-    assert digest != encode_flac(np.array([1.0, -1.0, 0.25], dtype=np.float32))[1]
+    flac, digest = encode_audio(loud)
+    np.testing.assert_allclose(decode_audio(flac, "flac"), [32767 / 32768, -1.0, 0.5], atol=1e-4)
+    assert digest == encode_audio(np.array([1.0, -1.5, 0.5], dtype=np.float32))[1]  # same int16 after clipping
+    assert digest != encode_audio(np.array([1.0, -1.0, 0.25], dtype=np.float32))[1]
 
 
 def test_decode_rejects_audio_that_is_not_16k_mono():
     buffer = io.BytesIO()
     soundfile.write(buffer, np.zeros((100, 2)), 44100, format="FLAC")
     with pytest.raises(ShardFormatError, match="16000 Hz mono"):
-        decode_flac(buffer.getvalue(), "s.tar: sample 'k'")
+        decode_audio(buffer.getvalue(), "flac", "s.tar: sample 'k'")
 
 
 def test_sample_without_its_json_is_a_format_error_naming_shard_and_key(tmp_path):
     with tarfile.open(tmp_path / "bad.tar", "w") as tar:
-        data = encode_flac(waveform(0.1, 0))[0]
+        data = encode_audio(waveform(0.1, 0))[0]
         info = tarfile.TarInfo("lonely.flac")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
@@ -215,3 +218,39 @@ def test_fingerprint_depends_on_classes_names_and_content():
     assert base != compute_fingerprint(["/m/b"], [("s0.tar", "c0"), ("s1.tar", "c1")])
     assert base != compute_fingerprint(["/m/a"], [("s0.tar", "c0"), ("s1.tar", "cX")])
     assert base != compute_fingerprint(["/m/a"], [("s1.tar", "c1"), ("s0.tar", "c0")])
+
+
+def test_pcm16_members_decode_to_exactly_the_flac_samples_and_hash_alike():
+    wave = np.random.default_rng(3).uniform(-1.2, 1.2, 4000).astype(np.float32)
+    flac, flac_digest = encode_audio(wave, "flac")
+    pcm, pcm_digest = encode_audio(wave, "pcm16")
+    assert flac_digest == pcm_digest and len(pcm) == 2 * len(wave)
+    np.testing.assert_array_equal(decode_audio(pcm, "pcm16"), decode_audio(flac, "flac"))
+    with pytest.raises(ValueError, match="codec 'mp3' unknown"):
+        encode_audio(wave, "mp3")
+
+
+@pytest.mark.parametrize("codec", ["flac", "pcm16"])
+def test_a_shard_directory_in_either_codec_reads_the_same_clips_under_the_same_fingerprint(tmp_path, codec):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        soundfile.write(audio / f"c{i}.wav", rng.uniform(-0.5, 0.5, 8000 + 800 * i), SAMPLE_RATE, subtype="PCM_16")
+    repo = Path(__file__).resolve().parents[1]
+    outs = {}
+    for name in ("flac", codec):
+        outs[name] = tmp_path / f"shards_{name}"
+        result = subprocess.run([sys.executable, "-m", "data_prep.folder", "--audio-dir", str(audio), "--out",
+                                 str(outs[name]), "--codec", name, "--workers", "1", "--no-progress"],
+                                cwd=repo, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    manifests = {name: read_manifest(out) for name, out in outs.items()}
+    assert manifests[codec].codec == codec
+    assert manifests[codec].fingerprint == manifests["flac"].fingerprint  # the same samples
+    clips = {name: [c for s in m.shards for c in iter_shard(s.path)] for name, m in manifests.items()}
+    assert [c.key for c in clips[codec]] == [c.key for c in clips["flac"]]
+    for a, b in zip(clips[codec], clips["flac"]):
+        np.testing.assert_array_equal(a.waveform, b.waveform)
+    with tarfile.open(manifests[codec].shards[0].path) as tar:
+        assert {name.rsplit(".", 1)[1] for name in tar.getnames()} == {codec, "json"}

@@ -17,14 +17,15 @@ from ced_train.data.manifest import (
     write_skipped,
 )
 from ced_train.data.shards import (
+    CODECS,
     SHARD_FORMAT_VERSION,
     Clip,
     ShardFormatError,
     ShardReader,
     ShardWriter,
     check_key,
-    decode_flac,
-    encode_flac,
+    decode_audio,
+    encode_audio,
     iter_shard,
     read_shard,
 )
@@ -33,8 +34,8 @@ _STREAM_NAMES = ("ClipStream", "ClipBatch", "collate_clips")
 
 __all__ = [
     "MANIFEST_NAME", "SKIPPED_NAME", "Manifest", "ShardInfo", "Skip", "compute_fingerprint", "read_manifest",
-    "read_skipped", "write_manifest", "write_skipped", "SHARD_FORMAT_VERSION", "Clip", "ShardFormatError",
-    "ShardReader", "ShardWriter", "check_key", "decode_flac", "encode_flac", "iter_shard", "read_shard",
+    "read_skipped", "write_manifest", "write_skipped", "CODECS", "SHARD_FORMAT_VERSION", "Clip", "ShardFormatError",
+    "ShardReader", "ShardWriter", "check_key", "decode_audio", "encode_audio", "iter_shard", "read_shard",
     *_STREAM_NAMES,
 ]
 

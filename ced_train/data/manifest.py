@@ -60,6 +60,7 @@ class Manifest:
     tool: str
     tool_version: str
     plan_id: str
+    codec: str = "flac"  # of the audio members (`shards.CODECS`); manifests before codecs hold FLAC
 
     @property
     def num_samples(self) -> int:
@@ -140,7 +141,7 @@ def read_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
             labelled=bool(raw["labelled"]), shards=shards, class_counts=tuple(raw["class_counts"]),
             total_hours=float(raw["total_hours"]), num_rows=int(raw["num_rows"]),
             skipped_by_reason=dict(raw["skipped_by_reason"]), seed=int(raw["seed"]), tool=raw["tool"],
-            tool_version=raw["tool_version"], plan_id=raw["plan_id"],
+            tool_version=raw["tool_version"], plan_id=raw["plan_id"], codec=raw.get("codec", "flac"),
         )
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: invalid shard manifest ({type(error).__name__}: {error})") from None

@@ -1,7 +1,10 @@
-"""Shard format (writer and reader): webdataset tar files of `<key>.flac` + `<key>.json` pairs.
+"""Shard format (writer and reader): webdataset tar files of `<key>.<codec>` + `<key>.json` pairs.
 
-Format version 1:
-- `<key>.flac`: 16-bit FLAC, 16 kHz, mono, the clip's real duration (nothing padded).
+Format version 2 (version 1 is its FLAC-only case and reads the same):
+- the audio, 16-bit, 16 kHz, mono, the clip's real duration (nothing padded), in one of two codecs (`CODECS`), the
+  same for a whole shard directory (its manifest's `codec`): `<key>.flac`, FLAC (compact, the default), or
+  `<key>.pcm16`, the raw little-endian int16 samples (about twice the bytes, no decoding cost). Both hold the same
+  samples, so they give the same content fingerprint.
 - `<key>.json`: `key`, `labels` (class indices), `mids`, `duration_s`, `num_samples`, `sample_rate`, `source_rate`,
   `source_channels`, `source_file`, and for AudioSet rows `ytid`, `start_s`, `end_s`.
 Members are written with fixed ownership and mtime so that equal inputs give byte-identical tars.
@@ -28,8 +31,8 @@ import soundfile
 
 from ced_train.audio import SAMPLE_RATE
 
-SHARD_FORMAT_VERSION = 1
-AUDIO_EXT = "flac"
+SHARD_FORMAT_VERSION = 2
+CODECS = ("flac", "pcm16")
 META_EXT = "json"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 _TAR_MTIME = 0
@@ -65,19 +68,29 @@ def check_key(key: str) -> str:
     return key
 
 
-def encode_flac(waveform: np.ndarray) -> tuple[bytes, str]:
-    """`(samples,)` float waveform in [-1, 1] at 16 kHz → (16-bit FLAC bytes, sha256 of the int16 samples).
+def encode_audio(waveform: np.ndarray, codec: str = "flac") -> tuple[bytes, str]:
+    """`(samples,)` float waveform in [-1, 1] at 16 kHz → (member bytes in `codec`, sha256 of the int16 samples).
 
     Quantisation is done here, with clipping, rather than by libsndfile, so the hash describes exactly what is stored.
     """
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} unknown; expected one of {', '.join(CODECS)}")
     pcm = np.clip(np.round(np.asarray(waveform, dtype=np.float64) * 32767.0), -32768, 32767).astype("<i2")
+    digest = hashlib.sha256(pcm.tobytes()).hexdigest()
+    if codec == "pcm16":
+        return pcm.tobytes(), digest
     buffer = io.BytesIO()
     soundfile.write(buffer, pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue(), hashlib.sha256(pcm.tobytes()).hexdigest()
+    return buffer.getvalue(), digest
 
 
-def decode_flac(data: bytes, where: str = "<bytes>") -> np.ndarray:
-    """FLAC bytes → (samples,) float32 in [-1, 1); checks the format's 16 kHz mono rule."""
+def decode_audio(data: bytes, codec: str, where: str = "<bytes>") -> np.ndarray:
+    """Member bytes in `codec` → (samples,) float32 in [-1, 1), int16 / 32768 as libsndfile scales FLAC (both codecs
+    decode to identical arrays); checks FLAC's 16 kHz mono rule."""
+    if codec == "pcm16":
+        if len(data) % 2:
+            raise ShardFormatError(f"{where}: .pcm16 member of odd length {len(data)}")
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(32768.0)
     try:
         waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as error:
@@ -109,14 +122,17 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._finished = self._published = False
 
-    def add(self, key: str, flac: bytes, record: dict) -> None:
+    def add(self, key: str, audio: bytes, record: dict, codec: str = "flac") -> None:
+        """One sample: `audio` as made by `encode_audio(..., codec)`, and its JSON record."""
         check_key(key)
         if key in self._keys:
             raise ValueError(f"{self.path}: duplicate sample key {key!r}")
         if record.get("key") != key:
             raise ValueError(f"{self.path}: record for {key!r} has key {record.get('key')!r}")
         self._keys.add(key)
-        self._add_member(f"{key}.{AUDIO_EXT}", flac)
+        if codec not in CODECS:
+            raise ValueError(f"codec {codec!r} unknown; expected one of {', '.join(CODECS)}")
+        self._add_member(f"{key}.{codec}", audio)
         self._add_member(f"{key}.{META_EXT}", json.dumps(record, sort_keys=True).encode())
 
     def _add_member(self, name: str, data: bytes) -> None:
@@ -162,25 +178,26 @@ class ShardWriter:
 
 
 def decode_sample(key: str, members: Mapping[str, bytes], shard: str) -> Clip:
-    """Build a Clip from one sample's member bytes (`{"flac": ..., "json": ...}`)."""
+    """Build a Clip from one sample's member bytes (`{"flac" | "pcm16": ..., "json": ...}`)."""
     where = f"{shard}: sample {key!r}"
-    missing = {AUDIO_EXT, META_EXT} - set(members)
-    if missing:
-        raise ShardFormatError(f"{where}: expected members .{AUDIO_EXT} and .{META_EXT}, missing {sorted(missing)}")
+    audio = [codec for codec in CODECS if codec in members]
+    if len(audio) != 1 or META_EXT not in members:
+        raise ShardFormatError(f"{where}: expected one audio member (.{' or .'.join(CODECS)}) and .{META_EXT}, "
+                               f"found {sorted('.' + ext for ext in members)}")
     try:
         meta = json.loads(members[META_EXT])
     except ValueError as error:
         raise ShardFormatError(f"{where}: .{META_EXT} is not valid JSON ({error})") from None
     if meta.get("key") != key:
         raise ShardFormatError(f"{where}: record names key {meta.get('key')!r}")
-    return Clip(key, decode_flac(members[AUDIO_EXT], where), list(meta.get("labels", [])), meta, shard)
+    return Clip(key, decode_audio(members[audio[0]], audio[0], where), list(meta.get("labels", [])), meta, shard)
 
 
 def _split_member_name(name: str, shard: str) -> tuple[str, str]:
     key, dot, ext = name.partition(".")
     if not dot or "/" in name:
         raise ShardFormatError(
-            f"{shard}: unexpected member {name!r}, expected '<key>.{AUDIO_EXT}' or '<key>.{META_EXT}'")
+            f"{shard}: unexpected member {name!r}, expected '<key>.<{'|'.join(CODECS)}>' or '<key>.{META_EXT}'")
     return key, ext.lower()
 
 
