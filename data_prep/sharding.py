@@ -357,7 +357,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
                         help=f"clips per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
     parser.add_argument("--codec", choices=CODECS, default="flac",
-                        help="audio in the shards: flac (compact, default) or pcm16 (raw int16, about twice the bytes, "
+                        help="audio in the shards: flac (compact, default) or pcm16 (raw int16, 2 to 3 times the bytes, "
                              "no decoding: for nodes where FLAC decoding bounds the loaders)")
     parser.add_argument("--workers", type=int, default=available_cpus(),
                         help="decoding processes (default: the CPUs available)")

@@ -3,7 +3,7 @@
 Format version 2 (version 1 is its FLAC-only case and reads the same):
 - the audio, 16-bit, 16 kHz, mono, the clip's real duration (nothing padded), in one of two codecs (`CODECS`), the
   same for a whole shard directory (its manifest's `codec`): `<key>.flac`, FLAC (compact, the default), or
-  `<key>.pcm16`, the raw little-endian int16 samples (about twice the bytes, no decoding cost). Both hold the same
+  `<key>.pcm16`, the raw little-endian int16 samples (2 to 3 times the bytes, no decoding cost). Both hold the same
   samples, so they give the same content fingerprint.
 - `<key>.json`: `key`, `labels` (class indices), `mids`, `duration_s`, `num_samples`, `sample_rate`, `source_rate`,
   `source_channels`, `source_file`, and for AudioSet rows `ytid`, `start_s`, `end_s`.

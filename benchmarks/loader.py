@@ -1,0 +1,104 @@
+"""The student's data path against the shard-decode ceiling, clips per second per core, measured in one run:
+
+  decode   reading the shards alone: `iter_shard` (tar read + audio decode), one process
+  replay   what distillation's DataLoader delivers: `EqualBatches` over `ViewDataset` replaying a teacher store with
+           mixup (decode the clip, log-mel front end of the clip and its partner, `apply`, stored top-k), batches of
+           `--batch`, with 0 workers (the main process) and with 2 workers
+
+for both shard codecs (FLAC and PCM16 of the same clips: one fingerprint, so one store serves both), printed with the
+ratio replay / decode per core (issue target: >= 0.9). Per core: with 0 workers the main process does all the work;
+with W workers, the rate divided by W. torch runs one thread per process, as in DataLoader workers. The data is
+data_prep.synthetic's (10 s clips); the store is written once by the teacher pass of two random `ced_test` teachers
+(not timed). All reads are from the page cache: this measures CPU cost, not disk.
+
+    python benchmarks/loader.py [--clips 128] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ced_train.augment import AugmentConfig
+from ced_train.data import iter_shard, read_manifest
+from ced_train.labels import load_class_labels
+from ced_train.lightning.data import EqualBatches, collate_distill
+from ced_train.models import create_model
+from ced_train.stages.teach import teacher_pass
+from ced_train.teachers import CEDTeacher, TeacherEnsemble
+from ced_train.views import ViewDataset
+from data_prep.audioset import AudioIndex, read_segments
+from data_prep.sharding import build_shards
+from data_prep.synthetic import generate
+
+CODECS = ("flac", "pcm16")
+
+
+def best_rate(count_clips, repeats: int = 3) -> float:
+    """Clips per second of the fastest of `repeats` runs (the least disturbed by other processes)."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = count_clips()
+        rates.append(count / (time.perf_counter() - start))
+    return max(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=128, help="synthetic training clips (10 s each)")
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    augment = AugmentConfig()
+    assert augment.mixup_prob > 0, "the replay path is measured with mixup"
+
+    with tempfile.TemporaryDirectory(prefix="ced_loader_") as tmp:
+        root = Path(tmp)
+        generate(root / "raw", train=args.clips, eval_=0, seed=0, workers=2)
+        classes = load_class_labels(root / "raw" / "class_labels_indices.csv")
+        rows = read_segments([root / "raw" / "balanced_train_segments.csv"], AudioIndex(root / "raw" / "audio"),
+                             classes)
+        shards = {}
+        for codec in CODECS:
+            shards[codec] = root / f"shards_{codec}"
+            build_shards(rows, shards[codec], classes, tool="data_prep.audioset", labelled=True,
+                         samples_per_shard=32, codec=codec, workers=2, progress=False)
+        manifests = {codec: read_manifest(path) for codec, path in shards.items()}
+        assert len({m.fingerprint for m in manifests.values()}) == 1
+        store = root / "store.h5"
+        ensemble = TeacherEnsemble([CEDTeacher(create_model("ced_test")) for _ in range(2)])
+        teacher_pass(shards["flac"], store, ensemble, augment, seed=0, num_views=2, batch_size=32, progress=False)
+
+        clips = manifests["flac"].num_samples
+        print(f"{clips} clips of 10 s in {len(manifests['flac'].shards)} shards, batch {args.batch}, mixup "
+              f"p={augment.mixup_prob}, one torch thread per process; clips/s per core")
+        results = {}
+        for codec in CODECS:
+            manifest = manifests[codec]
+            size_mb = sum(shard.bytes for shard in manifest.shards) / 1e6
+            decode = best_rate(lambda m=manifest: sum(1 for s in m.shards for _ in iter_shard(s.path)))
+            dataset = ViewDataset(shards[codec], store=store, shuffle=True, seed=0)
+            equal = EqualBatches(dataset, args.batch, 0, 1, collate_distill)
+            replay = {}
+            for workers in (0, 2):
+                def delivered(workers=workers):
+                    return sum(len(batch.keys) for batch in DataLoader(equal, batch_size=None, num_workers=workers))
+                replay[workers] = best_rate(delivered, repeats=2) / max(workers, 1)
+            results[codec] = (decode, replay)
+            print(f"  {codec:6s} ({size_mb:6.1f} MB)  decode {decode:8.1f}   replay, 0 workers {replay[0]:7.1f} "
+                  f"({replay[0] / decode:.2f} x decode)   replay, 2 workers {replay[2]:7.1f} "
+                  f"({replay[2] / decode:.2f} x decode)")
+    flac, pcm = results["flac"], results["pcm16"]
+    print(f"ratio decode pcm16 / flac: {pcm[0] / flac[0]:.2f}")
+    print(f"ratio replay pcm16 / flac (0 workers): {pcm[1][0] / flac[1][0]:.2f}")
+    print(f"ratio replay / decode ceiling (flac, 0 workers; target >= 0.9): {flac[1][0] / flac[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
