@@ -1,7 +1,7 @@
 """Data throughput, clips per second per core, measured in one run on the synthetic AudioSet-format dataset:
 
   (a) sharding: data_prep's decode + resample + FLAC encode + tar write, one decoding process
-  (b) reading shards: iter_shard (sequential tar read + FLAC decode), and ClipStream (webdataset, shuffle buffer)
+  (b) reading shards: iter_shard (sequential tar read + FLAC decode), and ClipStream (shuffle buffer)
 against
   (w) reading the same clips stored as separate 16 kHz 16-bit WAV files (soundfile), and
   (s) decoding the original source files on the fly (mixed formats and rates, load_audio with resampling),
@@ -86,7 +86,7 @@ def main() -> None:
         results = {
             "(a) sharding (decode+resample+FLAC+tar)": shard_rate,
             "(b) iter_shard (tar + FLAC decode)": best_rate(read_shards),
-            "(b) ClipStream (webdataset, buffer 100)": best_rate(stream_shards),
+            "(b) ClipStream (buffer 100)": best_rate(stream_shards),
             "(w) separate 16 kHz WAV files": wav_rate,
             "(s) source files via load_audio": best_rate(decode_sources, repeats=1),
         }
