@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -141,16 +142,32 @@ class StageListError(ValueError):
 
 
 TRAINING_STAGES = ("train", "distill")
-EXTERNAL_LAUNCH_VARIABLES = ("LOCAL_RANK", "RANK", "SLURM_PROCID")
+def device_count(devices, accelerator: str) -> int:
+    """How many devices a Trainer's `devices` names: a count, a list or a comma-separated string of indices; -1 and
+    "auto" mean every GPU (one device on a CPU)."""
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("-1", "auto"):
+        return 1 if accelerator == "cpu" else max(torch.cuda.device_count(), 1)
+    if "," in text:
+        return len([index for index in text.split(",") if index.strip()])
+    return int(text)
 
 
 def lightning_starts_processes(cfg: DictConfig) -> bool:
-    """True when the training stages' Trainer will start its own processes: a DDP strategy over several devices or
-    nodes, in a process that no launcher (Lightning's own children, torchrun, SLURM) started."""
+    """True when the training stages' Trainer will start its own processes by re-running the command line: a DDP
+    strategy (or `auto`) over several devices or nodes, in a process that no launcher started (Lightning's own
+    children set LOCAL_RANK; torchrun and batch SLURM jobs are detected as Lightning detects them)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
     trainer = cfg.trainer
-    several = str(trainer.devices) in ("-1", "auto") or int(trainer.devices) > 1 or int(trainer.num_nodes) > 1
-    return ("ddp" in str(trainer.strategy) and several
-            and not any(name in os.environ for name in EXTERNAL_LAUNCH_VARIABLES))
+    strategy = str(OmegaConf.to_container(trainer.strategy) if OmegaConf.is_config(trainer.strategy)
+                   else trainer.strategy).lower()
+    processes = device_count(trainer.devices, str(trainer.accelerator)) * int(trainer.num_nodes)
+    ddp_like = ("ddp" in strategy and "spawn" not in strategy) or strategy == "auto"
+    launched = "LOCAL_RANK" in os.environ or TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
+    return ddp_like and processes > 1 and not launched
 
 
 def check_stage_list(cfg: DictConfig) -> None:

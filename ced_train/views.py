@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ced_train.augment import (
+    TEACH,
     AugmentConfig,
     ViewSampler,
     apply,
@@ -91,7 +92,7 @@ class ViewDataset(IterableDataset):
                     f"store {self.store.path} was made from shards with fingerprint {spec.manifest_fingerprint}, "
                     f"{shards_dir} has {manifest.fingerprint}"
                 )
-            if sampler is not None and sampler.seed == spec.seed:
+            if sampler is not None and sampler.purpose == TEACH and sampler.seed == spec.seed:
                 raise ValueError(
                     f"fresh parameters with the store's own seed ({spec.seed}) would replay the stored views; "
                     "choose another seed for the sampler"
@@ -152,8 +153,9 @@ class ViewDataset(IterableDataset):
         """The items of clips `[start, stop)` of this epoch's clip order over all shards.
 
         That order is: shards in `epoch_shards` order, their mixup blocks in stored order, each block's clips in its
-        epoch order (shuffled with `shuffle`). Only the blocks that hold those clips are read and rendered, so
-        consumers that render disjoint ranges (ranks, DataLoader workers) share at most their boundary blocks.
+        epoch order (shuffled with `shuffle`). Only the blocks that hold those clips are decoded and rendered (the
+        tar is streamed up to them), so consumers of disjoint ranges (ranks, DataLoader workers) share at most their
+        boundary blocks.
         """
         block = self.augment.mixup_block_clips
         selected: list[tuple[ShardInfo, list[tuple[int, int, int]]]] = []

@@ -268,8 +268,12 @@ def build_shards(
     plan = plan_shards(rows, samples_per_shard, seed)
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} unknown; expected one of {', '.join(CODECS)}")
-    settings = {"tool": tool, "format": SHARD_FORMAT_VERSION, "seed": seed, "samples_per_shard": samples_per_shard,
-                "labelled": labelled, "codec": codec}
+    # FLAC shards are format-1 shards: their plans keep format 1 and no codec, so that directories made before codecs
+    # existed stay finished (and resumable) for this version.
+    settings = {"tool": tool, "format": SHARD_FORMAT_VERSION if codec != "flac" else 1, "seed": seed,
+                "samples_per_shard": samples_per_shard, "labelled": labelled}
+    if codec != "flac":
+        settings["codec"] = codec
     plan_id = _plan_id(plan, known_skips, classes, settings)
     if _prepare_out_dir(out_dir, plan_id, overwrite):
         return _report_from_manifest(out_dir, workers)

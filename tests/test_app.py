@@ -10,7 +10,15 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ced_train.__main__ import CONFIG_DIR, RECIPE_DIR, STAGES, MissingInputError, check_inputs, compose
+from ced_train.__main__ import (
+    CONFIG_DIR,
+    RECIPE_DIR,
+    STAGES,
+    MissingInputError,
+    check_inputs,
+    compose,
+    lightning_starts_processes,
+)
 
 REPO = CONFIG_DIR.parent
 RECIPES = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
@@ -140,3 +148,24 @@ def test_a_sweep_whose_jobs_lightning_would_relaunch_is_refused_in_one_line(tmp_
                  "trainer.strategy=ddp", "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep", flags=["-m"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: a -m sweep under trainer.strategy=ddp with trainer.devices=2" in result.stderr
+
+
+@pytest.mark.parametrize("overrides, starts", [
+    (["trainer=cpu", "trainer.devices=3", "trainer.strategy=ddp"], True),
+    (["trainer=cpu", "trainer.devices=[0,1]", "trainer.strategy=ddp"], True),
+    (["trainer=cpu", "trainer.devices='0,1'", "trainer.strategy=ddp"], True),
+    (["trainer=cpu", "trainer.devices=2"], True),  # strategy auto picks DDP and re-runs the command line
+    (["trainer=cpu", "trainer.devices=[1]", "trainer.strategy=ddp"], False),
+    (["trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"], False),
+    (["trainer=cpu", "trainer.devices=auto", "trainer.strategy=ddp"], False),  # one CPU device
+    (["trainer=cpu", "trainer.num_nodes=2", "trainer.strategy=ddp"], True),
+    (["trainer=cpu"], False),
+])
+def test_lightning_started_processes_are_recognised_from_any_devices_spelling(overrides, starts, tmp_path,
+                                                                            monkeypatch):
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose([*overrides, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
+    assert lightning_starts_processes(cfg) is starts
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one of Lightning's own children
+    assert lightning_starts_processes(cfg) is False

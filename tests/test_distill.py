@@ -131,6 +131,23 @@ def test_inconsistent_switch_draws_fresh_views_against_the_same_stored_targets(t
     assert differing >= 16  # fresh shifts, masks and partners: (almost) every input differs
 
 
+def test_fresh_views_with_the_store_seed_are_still_not_the_stored_views(tiny):
+    """`distill.consistent=false` draws from its own stream: even `fresh_seed` equal to the teacher pass's seed
+    gives other views than the stored ones."""
+    stored = _params_by_key(datamodule(tiny))
+    dm = ViewsDataModule(tiny["shards"], tiny["shards"], batch_size=4, eval_batch_size=8, seed=0,
+                         store=tiny["store"], consistent=False, fresh_seed=0)
+    dm.setup("fit")
+    fresh = _params_by_key(dm)
+    assert fresh.keys() == stored.keys()
+    assert all(fresh[key] != stored[key] for key in fresh)
+
+
+def _params_by_key(dm: ViewsDataModule) -> dict[str, dict]:
+    dm.set_epoch(1)
+    return {item["key"]: item["params"] for item in dm.train_set}
+
+
 def test_distill_resumed_at_an_epoch_boundary_matches_the_uninterrupted_run(tiny, tmp_path):
     # One DataLoader worker: it copies the dataset when an epoch's iterator starts, so the resumed epoch's view
     # must be set before that, not only when the epoch's hooks run.

@@ -254,3 +254,13 @@ def test_a_shard_directory_in_either_codec_reads_the_same_clips_under_the_same_f
         np.testing.assert_array_equal(a.waveform, b.waveform)
     with tarfile.open(manifests[codec].shards[0].path) as tar:
         assert {name.rsplit(".", 1)[1] for name in tar.getnames()} == {codec, "json"}
+
+
+def test_flac_shard_directories_keep_the_plan_id_of_the_format_before_codecs(tmp_path):
+    """A directory prepared before codecs existed must stay finished (reused, resumable), not be refused as made from
+    other settings: its plan id, recorded by the code of that time (commit 6721c3a) for these inputs."""
+    from helpers import make_shards
+
+    manifest = read_manifest(make_shards(tmp_path / "s", [1.0, 2.0, 0.5], 2))
+    assert manifest.codec == "flac"
+    assert manifest.plan_id == "b3665f61cc8983ead2b0c8f3839d1f6c8dc9ad49feb0198ab92532de42eb72a0"

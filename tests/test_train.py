@@ -98,3 +98,15 @@ def test_ema_weights_are_what_gets_exported(synthetic_train_shards, tmp_path):
     key = "patch_embed.proj.weight"
     assert torch.equal(exported[key], last["state_dict"][f"model.{key}"])  # Lightning stores the average here
     assert not torch.equal(exported[key], last["current_model_state"][f"model.{key}"])
+
+
+def test_batch_seeds_accept_any_base_seed_and_differ_by_batch_epoch_and_rank():
+    from ced_train.lightning.module import batch_seed
+
+    seeds = set()
+    for base in (0, 18_500, 20_240_501, 2**40):
+        for epoch, batch, rank in ((0, 0, 0), (0, 1, 0), (1, 0, 0), (0, 0, 1)):
+            seed = batch_seed(base, epoch, batch, rank)
+            torch.manual_seed(seed)  # the old (seed * 1000003 + ...) product overflowed int64 from about 18,300 on
+            seeds.add(seed)
+    assert len(seeds) == 16

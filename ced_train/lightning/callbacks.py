@@ -77,8 +77,9 @@ class LastCheckpoint(Checkpoint):
     every validation inside an epoch and every `every_n_train_steps` optimiser steps, whatever the score. A crash
     loses at most that much work, and the resumed run continues exactly, mid-epoch too. (ModelCheckpoint's
     `save_last` only writes along with a new top-k checkpoint, so its `last.ckpt` may lie far behind.) A Checkpoint
-    callback, so Lightning runs it after the others (early stopping's state is saved current). Written atomically: a
-    run killed while saving keeps the previous file.
+    callback, so Lightning runs it after the others (early stopping's state is saved current). Mid-epoch saves happen
+    only right after an optimiser step, never with accumulated gradients pending. Written atomically: a run killed
+    while saving keeps the previous file.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
@@ -87,13 +88,20 @@ class LastCheckpoint(Checkpoint):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
+        self._step_at_batch_start = -1
+        self._stepped = False  # the last training batch ended with an optimiser step (no gradients pending)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        # With gradient accumulation, a batch that did not step leaves gradients that a checkpoint would lose.
+        self._stepped = trainer.global_step != self._step_at_batch_start
+        if self._stepped and self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self._save(trainer, mid_epoch_only=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and self._stepped:
             self._save(trainer, mid_epoch_only=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -101,8 +101,8 @@ class ViewsDataModule(pl.LightningDataModule):
         store: teacher store (distillation) or None (supervised training on labels).
         consistent: with a store, replay its views (True) or draw fresh ones with `fresh_seed` (False).
         augment: the augmentation of fresh views without a store (supervised training).
-        fresh_seed: seed of fresh views; with a store it must differ from the store's seed. Without one, views come
-            from the stream of purpose "train", which never repeats the teacher pass's views.
+        fresh_seed: seed of fresh views, which come from their own streams (purpose "fresh" with a store, "train"
+            without), so they never repeat the teacher pass's views whatever the seeds.
     """
 
     def __init__(
@@ -138,7 +138,7 @@ class ViewsDataModule(pl.LightningDataModule):
             return ViewSampler(self.augment, self.fresh_seed, purpose="train")
         if self.consistent:
             return None
-        return ViewSampler(TeacherStore(self.store).spec.augment, self.fresh_seed)
+        return ViewSampler(TeacherStore(self.store).spec.augment, self.fresh_seed, purpose="fresh")
 
     def setup(self, stage: str) -> None:
         self.rank, self.world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

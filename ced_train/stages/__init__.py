@@ -54,7 +54,7 @@ def training_identity(cfg: DictConfig, stage: DictConfig) -> dict:
                   if k not in ("out_dir", "overwrite", "resume")}
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _DISPLAY_ONLY}
     callbacks = {name: node for name, node in OmegaConf.to_container(cfg.callbacks, resolve=True).items()
-                 if name not in ("progress_bar", "lr_monitor")}
+                 if name not in ("progress_bar", "lr_monitor", "last_checkpoint")}
     return {"stage": stage_node, "batch_size": cfg.data.batch_size, "trainer": trainer, "callbacks": callbacks}
 
 
