@@ -55,7 +55,8 @@ class KillAtStep:
 
 class SaveRankWeights:
     """A Lightning callback (`+callbacks.weights._target_=helpers.SaveRankWeights +callbacks.weights.dirpath=D`)
-    that saves every rank's model weights as `D/rank<global rank>.pt` when training ends."""
+    that saves, as `D/rank<global rank>.pt` when training ends, every rank's model weights (`weights`) and the keys
+    of the training clips it saw, by epoch (`keys`)."""
 
     def __new__(cls, dirpath: str):
         from pathlib import Path
@@ -64,8 +65,49 @@ class SaveRankWeights:
         from lightning.pytorch.callbacks import Callback
 
         class _Save(Callback):
+            def __init__(self) -> None:
+                self.keys: dict[int, list[str]] = {}
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                self.keys.setdefault(trainer.current_epoch, []).extend(batch.keys)
+
             def on_train_end(self, trainer, pl_module) -> None:
                 Path(dirpath).mkdir(parents=True, exist_ok=True)
-                torch.save(pl_module.model.state_dict(), Path(dirpath) / f"rank{trainer.global_rank}.pt")
+                torch.save({"weights": pl_module.model.state_dict(), "keys": self.keys},
+                           Path(dirpath) / f"rank{trainer.global_rank}.pt")
 
         return _Save()
+
+
+class RecordLastCheckpoints:
+    """A Lightning callback (`+callbacks.record._target_=helpers.RecordLastCheckpoints +callbacks.record.out=F`) that,
+    before every training batch and at the end, appends to JSON-lines file `F` the batch counters of `last.ckpt`
+    whenever that file changed: what a resumed run would start from."""
+
+    def __new__(cls, out: str):
+        import json
+        from pathlib import Path
+
+        import torch
+        from lightning.pytorch.callbacks import Callback
+
+        class _Record(Callback):
+            seen = None
+
+            def _record(self, trainer) -> None:
+                path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+                if not path.is_file() or path.stat().st_mtime_ns == self.seen:
+                    return
+                self.seen = path.stat().st_mtime_ns
+                loops = torch.load(path, weights_only=False)["loops"]["fit_loop"]
+                progress = loops["epoch_loop.batch_progress"]["current"]["processed"]
+                with open(out, "a") as handle:
+                    handle.write(json.dumps({"batches_done_in_epoch": progress}) + "\n")
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                self._record(trainer)
+
+            def on_train_end(self, trainer, pl_module) -> None:
+                self._record(trainer)
+
+        return _Record()

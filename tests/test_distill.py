@@ -214,6 +214,18 @@ def test_distill_killed_mid_epoch_resumes_to_the_weights_of_the_uninterrupted_ru
         assert torch.equal(moments_a[index]["exp_avg"], moments_b[index]["exp_avg"]), index
 
 
+def test_last_checkpoint_is_never_written_with_accumulated_gradients_pending(tiny, tmp_path):
+    """Two batches per optimiser step over epochs of 5 batches, last.ckpt due every step: every last.ckpt a resumed
+    run could start from follows an optimiser step (an even batch count, or the epoch's end), never the first half."""
+    records = tmp_path / "records.jsonl"
+    run_stages(distill_cfg(tiny, tmp_path, "+trainer.accumulate_grad_batches=2",
+                           "callbacks.last_checkpoint.every_n_train_steps=1",
+                           "+callbacks.record._target_=helpers.RecordLastCheckpoints", f"+callbacks.record.out={records}"))
+    done = [json.loads(line)["batches_done_in_epoch"] for line in records.read_text().splitlines()]
+    assert done and 2 in done and 5 in done
+    assert all(count % 2 == 0 or count == 5 for count in done), done
+
+
 def test_distill_reuses_an_export_of_equal_inputs_and_refuses_other_inputs(tiny, tmp_path):
     cfg = distill_cfg(tiny, tmp_path, "distill.trainer.max_epochs=1")
     first, _ = run_stages(cfg)
@@ -273,8 +285,13 @@ def test_three_process_ddp_teach_distill_evaluate_from_an_official_checkpoint(ti
     with open(next(run_dir.glob("*/version_0/metrics.csv")), newline="") as handle:
         clips = [float(row["val/clips"]) for row in csv.DictReader(handle) if row.get("val/clips")]
     assert clips == [7.0, 7.0]
-    ranks = [torch.load(weights_dir / f"rank{rank}.pt") for rank in range(3)]
+    saved = [torch.load(weights_dir / f"rank{rank}.pt") for rank in range(3)]
+    ranks = [rank["weights"] for rank in saved]
     assert ranks[0].keys() == ranks[1].keys() == ranks[2].keys()
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], ranks[2][key]), key
+    for epoch in range(2):  # 4 clips per rank and epoch, no clip on two ranks
+        seen = [rank["keys"][epoch] for rank in saved]
+        assert [len(keys) for keys in seen] == [4, 4, 4]
+        assert len(set().union(*seen)) == 12
     assert (out_dir / "student.ckpt").is_file()
