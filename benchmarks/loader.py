@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from data_throughput import best_rate  # benchmarks/ is sys.path[0] when this file runs as a script
 from torch.utils.data import DataLoader
 
 from ced_train.augment import AugmentConfig
@@ -37,16 +37,6 @@ from data_prep.sharding import build_shards
 from data_prep.synthetic import generate
 
 CODECS = ("flac", "pcm16")
-
-
-def best_rate(count_clips, repeats: int = 3) -> float:
-    """Clips per second of the fastest of `repeats` runs (the least disturbed by other processes)."""
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        count = count_clips()
-        rates.append(count / (time.perf_counter() - start))
-    return max(rates)
 
 
 def main() -> None:

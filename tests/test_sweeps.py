@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -91,7 +90,6 @@ def test_documented_seed_sweep_runs_both_jobs_into_the_multirun_dir_of_the_start
 
 
 def test_documented_seed_sweep_through_submitit_local_runs_pickled_jobs_under_ced_root(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra: pip install -e '.[slurm]'")
     root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
     elsewhere.mkdir()
     demo_shards(root)
