@@ -110,3 +110,39 @@ def test_batch_seeds_accept_any_base_seed_and_differ_by_batch_epoch_and_rank():
             torch.manual_seed(seed)  # the old (seed * 1000003 + ...) product overflowed int64 from about 18,300 on
             seeds.add(seed)
     assert len(seeds) == 16
+
+
+def test_training_through_the_clip_split_data_path_learns_its_labels_and_beats_shifted_labels(
+        synthetic_audioset, synthetic_train_shards, tmp_path):
+    """The same 21 clips, once with their labels and once with every clip given the labels of the clip 7 rows on
+    (a broken-target baseline), trained alike through ViewsDataModule (clip split, "train" view stream) and scored by
+    evaluate against the true labels: only the true targets are learnt. Seeds 0 to 3 gave margins of 0.11 to 0.20."""
+    import dataclasses
+
+    from ced_train.labels import load_class_labels
+    from data_prep.audioset import AudioIndex, read_segments
+    from data_prep.sharding import SourceRow, build_shards
+
+    classes = load_class_labels(synthetic_audioset / "class_labels_indices.csv")
+    rows = read_segments([synthetic_audioset / "balanced_train_segments.csv"],
+                         AudioIndex(synthetic_audioset / "audio" / "balanced_train"), classes)
+    real = [row for row in rows if isinstance(row, SourceRow)]
+    shifted = [(row.labels, row.mids) for row in real[7:] + real[:7]]
+    broken = [dataclasses.replace(row, labels=labels, mids=mids) for row, (labels, mids) in zip(real, shifted)]
+    build_shards(broken, tmp_path / "broken", classes, tool="test", labelled=True, samples_per_shard=8, workers=1,
+                 progress=False)
+    scores = {}
+    for name, shards in (("true", synthetic_train_shards), ("broken", tmp_path / "broken")):
+        out = tmp_path / name
+        cfg = compose([
+            "stages=[train,evaluate]", f"paths.root_dir={tmp_path}", f"paths.output_dir={out}/run",
+            f"train.out_dir={out}", f"data.train_shards={shards}", f"data.val_shards={synthetic_train_shards}",
+            f"data.eval_shards={synthetic_train_shards}", "data.batch_size=4", "data.eval_batch_size=8",
+            "model@train.model=ced_test", "augment@train.augment=ced_nomixup", "train.augment.clip_samples=32000",
+            "train.trainer.max_epochs=40", "train.trainer.check_val_every_n_epoch=100", "train.optim.optimizer.lr=3e-3",
+            "train.optim.scheduler.warmup_steps=5", "callbacks.average_best.num_best=1", "~callbacks.early_stopping",
+            f"evaluate.checkpoint={out}/member0.ckpt", "trainer=cpu", "trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar", "logger=none", "~callbacks.lr_monitor",
+        ])
+        scores[name] = run_stages(cfg)[0]["evaluate"]["systems"]["member0"]["mAP"]
+    assert scores["true"] > scores["broken"] + 0.05, scores
