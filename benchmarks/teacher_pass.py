@@ -4,8 +4,8 @@
 
 Both sides run the same two-teacher ensemble over every clip `views` times, read from the same shards:
 - plain: decode each shard, pad/cut to 10 s, batched front end, ensemble, top-k, nothing kept (once per view);
-- pass: `stages.teach.teacher_pass`: decode, per-clip front end, render each view, ensemble, top-k, write parts,
-  merge the store.
+- pass: `stages.teach.teacher_pass`: decode, batched front end of each batch's distinct clips and `apply` of its
+  views on the device (`rendering.ViewRenderer`), ensemble, top-k, write parts, merge the store.
 The figure is pass throughput / plain throughput (target >= 0.9), best of `--rounds` alternating rounds. Bytes per
 (clip, view) are measured on the store written here and on a store of AS-20K's size (22,160 clips x 10 views,
 synthetic values through the same writer and merge), target <= 100.

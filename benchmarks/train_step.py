@@ -5,7 +5,8 @@
   (b) online distillation: fresh views, the teacher ensemble run on every batch           → speed-up r / b
 
 All three use the same Lightning loop, student, batch size, clips and DataLoader settings; only where the targets
-come from differs. The dataset is data_prep.synthetic's, sharded; the store is written once by the teacher pass
+come from differs. Views are rendered inside the training step (front end and augmentation on the training device),
+so every figure includes rendering. The dataset is data_prep.synthetic's, sharded; the store is written once by the teacher pass
 (not timed: it is paid once, not every epoch). Teachers are randomly initialised (speed does not depend on weights).
 
     python benchmarks/train_step.py [--student ced_tiny] [--teachers ced_mini ced_mini] [--steps 20] [--batch 8]
@@ -72,8 +73,8 @@ class OnlineDistillModule(TaggerModule):
 
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
-            values, indices = self.ensemble(batch.mel_db).topk(TOP_K, dim=1)
-        targets = DistillBatch(batch.mel_db, values, indices, torch.zeros(len(batch)), batch.keys)
+            values, indices = self.ensemble(self.renderer(batch.inputs)).topk(TOP_K, dim=1)
+        targets = DistillBatch(batch.inputs, values, indices, torch.zeros(len(batch)), batch.keys)
         return super().training_step(targets, batch_idx)
 
 

@@ -210,8 +210,9 @@ def check_params(params: np.ndarray, frames: int, shard_clips: int | None = None
 
 
 def fixed_length(waveform: np.ndarray, clip_samples: int) -> np.ndarray:
-    """`(samples,)` float32 → `(clip_samples,)` float32: zero-padded at the end, or the first `clip_samples`."""
-    waveform = np.asarray(waveform, dtype=np.float32)
+    """`(samples,)` float32 or int16 → `(clip_samples,)` of the same dtype: zero-padded at the end, or the first
+    `clip_samples`."""
+    waveform = np.asarray(waveform)
     if waveform.ndim != 1:
         raise ValueError(f"expected a mono waveform of shape (samples,), got {waveform.shape}")
     if waveform.shape[0] >= clip_samples:
@@ -219,57 +220,57 @@ def fixed_length(waveform: np.ndarray, clip_samples: int) -> np.ndarray:
     return np.pad(waveform, (0, clip_samples - waveform.shape[0]))
 
 
-def partner_weights(params: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(own, partner)` float32 weights `((255 - q) / 255, q / 255)` of shape `(batch,)`."""
-    weight_q = torch.from_numpy(params["partner_weight_q"].astype(np.float32))
+def partner_weights(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(batch,)` integer `partner_weight_q` → float32 `(own, partner)` weights `((255 - q) / 255, q / 255)`."""
+    weight_q = weight_q.float()
     return (WEIGHT_LEVELS - weight_q) / WEIGHT_LEVELS, weight_q / WEIGHT_LEVELS
 
 
 def apply(
-    mel_db: torch.Tensor, params: np.ndarray, partner_mel_db: torch.Tensor | None = None, fill_db: float = 0.0
+    mel_db: torch.Tensor, params: dict[str, torch.Tensor], partner_mel_db: torch.Tensor, fill_db: float = 0.0
 ) -> torch.Tensor:
-    """Render views: the one implementation of the augmentation, used by the teacher pass and the student.
+    """Render views: the one implementation of the augmentation, used by the teacher pass and the student, on any
+    device.
 
     Args:
         mel_db: `(batch, 64, frames)` float32 log-mel in dB of each clip's fixed-length chunk (un-augmented).
-        params: `(batch,)` `VIEW_PARAMS_DTYPE` records.
+        params: `params_to_columns` of `(batch,)` `VIEW_PARAMS_DTYPE` records: one `(batch,)` integer tensor per
+            field, on `mel_db`'s device, within bounds (`check_params`, which the loader runs: this function makes
+            no host round trip).
         partner_mel_db: `(batch, 64, frames)` un-augmented log-mel of each row's partner; rows without a partner
-            are ignored (may hold anything). Required when any row has a partner.
+            are ignored (may hold anything, e.g. their own clip).
         fill_db: value of masked cells (the config's `mask_fill_db`).
 
     Returns:
-        `(batch, 64, frames)` float32 augmented log-mel in dB. Each row depends only on its own inputs: every
-        operation is element-wise or a copy, so the result does not depend on batch size or batch-mates.
+        `(batch, 64, frames)` float32 augmented log-mel in dB. Every operation is a gather, an element-wise product
+        or sum (two products and a sum, each rounded once: no fused multiply-add) or a select, so each row depends
+        only on its own inputs, neither on batch size nor batch-mates, and equals the row rendered alone bit for bit.
     """
     if mel_db.ndim != 3 or mel_db.shape[1] != N_MELS:
         raise ValueError(f"expected mel_db of shape (batch, {N_MELS}, frames), got {tuple(mel_db.shape)}")
-    if params.shape != (mel_db.shape[0],):
-        raise ValueError(f"expected {mel_db.shape[0]} parameter records, got shape {params.shape}")
-    frames = mel_db.shape[-1]
-    check_params(params, frames)
-    out = mel_db.float().clone()
-    for i, record in enumerate(params):
-        if record["shift_frames"]:
-            out[i] = torch.roll(out[i], int(record["shift_frames"]), dims=-1)
-    mixed = params["partner_row"] >= 0
-    if mixed.any():
-        if partner_mel_db is None or partner_mel_db.shape != mel_db.shape:
-            raise ValueError("rows with a mixup partner need partner_mel_db of the same shape as mel_db")
-        rows = torch.from_numpy(np.flatnonzero(mixed))
-        own_weight, partner_weight = partner_weights(params[mixed])
-        # Two products and a sum, each rounded once: no fused multiply-add whose rounding could differ by kernel.
-        out[rows] = out[rows] * own_weight[:, None, None] + partner_mel_db[rows].float() * partner_weight[:, None, None]
-    for i, record in enumerate(params):
-        time_start, freq_start = int(record["time_mask_start"]), int(record["freq_mask_start"])
-        out[i, :, time_start : time_start + int(record["time_mask_frames"])] = fill_db
-        out[i, freq_start : freq_start + int(record["freq_mask_bins"]), :] = fill_db
-    return out
+    if partner_mel_db.shape != mel_db.shape:
+        raise ValueError(f"partner_mel_db of shape {tuple(partner_mel_db.shape)} != mel_db's {tuple(mel_db.shape)}")
+    batch, bins, frames = mel_db.shape
+    if any(column.shape != (batch,) for column in params.values()):
+        raise ValueError(f"expected {batch} parameter records, got columns of shapes "
+                         f"{sorted({tuple(column.shape) for column in params.values()})}")
+    frame = torch.arange(frames, device=mel_db.device)
+    source = (frame[None, :] - params["shift_frames"][:, None]) % frames  # circular shift as a gather
+    out = mel_db.float().gather(-1, source[:, None, :].expand(batch, bins, frames))
+    own_weight, partner_weight = partner_weights(params["partner_weight_q"])
+    mixed = out * own_weight[:, None, None] + partner_mel_db.float() * partner_weight[:, None, None]
+    out = torch.where((params["partner_row"] >= 0)[:, None, None], mixed, out)
+    bin_ = torch.arange(bins, device=mel_db.device)
+    time_start, freq_start = params["time_mask_start"][:, None], params["freq_mask_start"][:, None]
+    time_mask = (frame >= time_start) & (frame < time_start + params["time_mask_frames"][:, None])
+    freq_mask = (bin_ >= freq_start) & (bin_ < freq_start + params["freq_mask_bins"][:, None])
+    return out.masked_fill(time_mask[:, None, :] | freq_mask[:, :, None], fill_db)
 
 
 def mix_labels(labels: torch.Tensor, partner_labels: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     """Supervised targets of mixed views: `(batch, classes)` multi-hot labels mixed with the same weights as
     the inputs (rows without a partner keep their own labels)."""
-    own_weight, partner_weight = partner_weights(params)
+    own_weight, partner_weight = partner_weights(torch.from_numpy(params["partner_weight_q"]))
     partner_weight = torch.where(torch.from_numpy(params["partner_row"] >= 0), partner_weight, 0.0)
     own_weight = torch.where(partner_weight > 0, own_weight, 1.0)
     return labels.float() * own_weight[:, None] + partner_labels.float() * partner_weight[:, None]

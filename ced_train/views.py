@@ -1,17 +1,20 @@
-"""Shards + per-(clip, view) augmentation parameters → rendered model inputs; the one data path of the teacher pass
-and of student training.
+"""Shards + per-(clip, view) augmentation parameters → what the views are rendered from; the one data path of the
+teacher pass and of student training.
 
-Each clip is cut or zero-padded to the fixed chunk (`AugmentConfig.clip_samples`), turned into log-mel dB by the CED
-front end on its own (batch of one, so nothing depends on batch-mates or batch size), then each requested view is
-rendered by `augment.apply`. Mixup partners come from the clip's block of `mixup_block_clips` consecutive clips of the
-same shard, so only one block per worker is ever in memory.
+Loader workers only read and decode here: each clip is cut or zero-padded to the fixed chunk
+(`AugmentConfig.clip_samples`) as int16 samples, and each requested view is an item holding that chunk, its mixup
+partner's chunk and the view's parameters. Batches carry them as `rendering.ViewInputs`; the front end and
+`augment.apply` run batched on the training device (`rendering.ViewRenderer`), so the rendered view is the same
+whichever batch a view lands in. Mixup partners come from the clip's block of `mixup_block_clips` consecutive clips
+of the same shard, so only one block per worker is ever in memory.
 
 Three ways to use it:
 
-- teacher pass: `ViewDataset(shards, sampler=ViewSampler(cfg, seed), views=range(V), batch_size=B)` renders every
-  view of every clip and yields batches that never span shards;
-- consistent distillation ("replay"): `ViewDataset(shards, store=path)` renders view `epoch % V` of each clip with the
-  parameters read from the store and yields the stored top-k targets with it: the input the teachers saw, bit for bit;
+- teacher pass: `ViewDataset(shards, sampler=ViewSampler(cfg, seed), views=range(V), batch_size=B)` yields every
+  view of every clip in batches that never span shards;
+- consistent distillation ("replay"): `ViewDataset(shards, store=path)` yields view `epoch % V` of each clip with the
+  parameters read from the store and the stored top-k targets with it: rendered, the input the teachers saw, bit for
+  bit on the same device type;
 - no consistency / supervised ("fresh"): `ViewDataset(shards, sampler=ViewSampler(cfg, other_seed), store=path | None)`
   draws new parameters for every epoch.
 
@@ -33,16 +36,15 @@ from ced_train.augment import (
     TEACH,
     AugmentConfig,
     ViewSampler,
-    apply,
+    check_params,
     fixed_length,
     mix_labels,
-    params_to_columns,
 )
 from ced_train.data import ShardInfo, iter_shard, read_manifest
-from ced_train.models.frontend import LogMelFrontEnd
+from ced_train.rendering import collate_views
 from ced_train.store import StoreError, TeacherStore
 
-__all__ = ["ViewDataset"]
+__all__ = ["ViewDataset", "collate_items"]
 
 
 class ViewDataset(IterableDataset):
@@ -60,10 +62,13 @@ class ViewDataset(IterableDataset):
         batch_size: when set, yield batches of up to this many consecutive items of one shard (use the DataLoader
             with `batch_size=None`); otherwise yield single items for the DataLoader to collate.
 
-    Items (dicts): `key` str, `shard` str, `row` int (stored order in the shard), `view` int, `mel_db` (64, frames)
-    float32 augmented log-mel dB, `params` dict of int fields (`augment.VIEW_PARAMS_DTYPE`), `labels` (classes,)
-    float32 multi-hot labels mixed like the input, and with a store `topk_values` (k,) float32 and `topk_indices`
-    (k,) int64. Batches hold the same keys, with `key`/`shard` as lists and tensors stacked.
+    Items (dicts): `key` str, `shard` str, `row` int (stored order in the shard), `view` int, `waveform` (samples,)
+    int16 fixed-length chunk, `partner_row` int and `partner_waveform` (its mixup partner's; its own without one),
+    `params` dict of int fields (`augment.VIEW_PARAMS_DTYPE`, checked), `fill_db` float, `labels` (classes,) float32
+    multi-hot labels mixed like the input, and with a store `topk_values` (k,) float32 and `topk_indices` (k,)
+    int64; `rendering.collate_views` makes a batch's `ViewInputs` of them. Batches (`collate_items`) hold
+    `key`/`shard` as lists, `row`, `view`, `labels` (and top-k) stacked, `params` as columns, and `inputs`, the
+    `ViewInputs`.
     """
 
     def __init__(
@@ -112,7 +117,6 @@ class ViewDataset(IterableDataset):
         self.seed = seed
         self.batch_size = batch_size
         self.epoch = 0
-        self._front_end = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -173,69 +177,74 @@ class ViewDataset(IterableDataset):
         for shard, picks in selected:
             yield from self._shard_items(shard, picks)
 
-    def log_mel(self, waveform: np.ndarray) -> torch.Tensor:
-        """One clip's fixed-length chunk → `(64, frames)` float32 dB, computed alone (batch of one)."""
-        if self._front_end is None:
-            self._front_end = LogMelFrontEnd()
-        chunk = torch.from_numpy(fixed_length(waveform, self.augment.clip_samples))
-        with torch.inference_mode():
-            return self._front_end(chunk[None])[0]
-
     def _shard_items(self, shard: ShardInfo, picks: Sequence[tuple[int, int, int]]) -> Iterator[dict]:
         """Items of `shard`'s consecutive mixup blocks `picks`: for each `(block_start, lo, hi)`, the clips at places
         `[lo, hi)` of the block's epoch order."""
         block = self.augment.mixup_block_clips
-        views = self.epoch_views()
         store_start = self._store_rows(shard)
         if not picks:  # a shard without clips
             return
-        clips = iter_shard(shard.path, picks[0][0], min(picks[-1][0] + block, shard.num_samples))
+        clips = iter_shard(shard.path, picks[0][0], min(picks[-1][0] + block, shard.num_samples), dtype="int16")
         for block_start, lo, hi in picks:
             block_clips = list(islice(clips, block))
             expected = shard.keys[block_start : block_start + block]
             if [clip.key for clip in block_clips] != list(expected):
                 raise ValueError(f"{shard.path}: clips at rows {block_start}.. do not match the manifest's keys")
-            mels = torch.stack([self.log_mel(clip.waveform) for clip in block_clips])
+            waveforms = [fixed_length(clip.waveform, self.augment.clip_samples) for clip in block_clips]
             labels = torch.zeros(len(block_clips), self.num_classes)
             for i, clip in enumerate(block_clips):
                 labels[i, clip.labels] = 1.0
-            rows = list(range(block_start, block_start + len(block_clips)))
-            stored = {}
-            if self.store is not None:
-                for view in views:
-                    stored[view] = self.store.read(view, store_start + rows[0], store_start + rows[-1] + 1)
+            views = {view: self._block_views(shard, store_start, block_start, labels, view)
+                     for view in self.epoch_views()}
             order = list(range(len(block_clips)))
             if self.shuffle:
                 random.Random(f"{self.seed}/{self.epoch}/{shard.name}/{block_start}").shuffle(order)
             for pos in order[lo:hi]:
-                for view in views:
-                    if self.sampler is not None:
-                        counter = view if self.views is not None else self.epoch
-                        params = self.sampler.sample([expected[pos]], [counter], [rows[pos]], shard.num_samples)
-                    else:
-                        params = stored[view][2][pos : pos + 1]
-                    partner = int(params["partner_row"][0]) - block_start
-                    if params["partner_row"][0] >= 0 and not 0 <= partner < len(block_clips):
-                        raise StoreError(
-                            f"{shard.name} row {rows[pos]} view {view}: partner row {params['partner_row'][0]} is "
-                            f"outside its mixup block [{block_start}, {block_start + len(block_clips)})"
-                        )
-                    partner = partner if params["partner_row"][0] >= 0 else pos
+                for view, (columns, partners, mixed, values, indices) in views.items():
+                    partner = int(partners[pos])
                     item = {
                         "key": expected[pos],
                         "shard": shard.name,
-                        "row": rows[pos],
+                        "row": block_start + pos,
                         "view": view,
-                        "mel_db": apply(mels[pos : pos + 1], params, mels[partner : partner + 1],
-                                        self.augment.mask_fill_db)[0],
-                        "params": {name: int(value) for name, value in params_to_columns(params).items()},
-                        "labels": mix_labels(labels[pos : pos + 1], labels[partner : partner + 1], params)[0],
+                        "waveform": waveforms[pos],
+                        "partner_row": block_start + partner,
+                        "partner_waveform": waveforms[partner],
+                        "params": {name: int(column[pos]) for name, column in columns.items()},
+                        "fill_db": self.augment.mask_fill_db,
+                        "labels": mixed[pos],
                     }
-                    if self.store is not None:
-                        values, indices, _ = stored[view]
-                        item["topk_values"] = torch.from_numpy(values[pos].astype(np.float32))
-                        item["topk_indices"] = torch.from_numpy(indices[pos].astype(np.int64))
+                    if values is not None:
+                        item["topk_values"], item["topk_indices"] = values[pos], indices[pos]
                     yield item
+
+    def _block_views(self, shard: ShardInfo, store_start: int, block_start: int, labels: torch.Tensor,
+                     view: int) -> tuple:
+        """One view of the `len(labels)` clips of the mixup block at `block_start`: parameter columns (numpy int64),
+        partner places in the block (own place without a partner), labels mixed like the inputs, and with a store
+        the top-k values `(n, k)` float32 and indices `(n, k)` int64 (else None)."""
+        size = len(labels)
+        rows = np.arange(block_start, block_start + size)
+        values = indices = None
+        if self.sampler is not None:
+            counter = view if self.views is not None else self.epoch
+            params = self.sampler.sample(list(shard.keys[block_start : block_start + size]), [counter] * size,
+                                         rows.tolist(), shard.num_samples)
+        if self.store is not None:
+            values, indices, stored = self.store.read(view, store_start + block_start, store_start + block_start + size)
+            values, indices = torch.from_numpy(values.astype(np.float32)), torch.from_numpy(indices.astype(np.int64))
+            if self.sampler is None:
+                params = stored
+                check_params(params, self.augment.frames, shard.num_samples)
+        partner_row = params["partner_row"].astype(np.int64)
+        outside = (partner_row >= 0) & ((partner_row < block_start) | (partner_row >= block_start + size))
+        if outside.any():
+            row = int(np.flatnonzero(outside)[0])
+            raise StoreError(f"{shard.name} row {block_start + row} view {view}: partner row {partner_row[row]} is "
+                             f"outside its mixup block [{block_start}, {block_start + size})")
+        partners = np.where(partner_row >= 0, partner_row - block_start, np.arange(size))
+        columns = {name: params[name].astype(np.int64) for name in params.dtype.names}
+        return columns, partners, mix_labels(labels, labels[partners], params), values, indices
 
     def _store_rows(self, shard: ShardInfo) -> int:
         """First store row of `shard`, after checking the store holds exactly its keys."""
@@ -247,19 +256,25 @@ class ViewDataset(IterableDataset):
         return start
 
 
+def collate_items(items: Sequence[dict]) -> dict:
+    """Items → one batch dict (see `ViewDataset`); also the `collate_fn` of a DataLoader over single items."""
+    inputs = collate_views(items)
+    batch = {
+        "key": [item["key"] for item in items],
+        "shard": [item["shard"] for item in items],
+        "row": torch.tensor([item["row"] for item in items]),
+        "view": torch.tensor([item["view"] for item in items]),
+        "params": inputs.params,
+        "labels": torch.stack([item["labels"] for item in items]),
+        "inputs": inputs,
+    }
+    for name in ("topk_values", "topk_indices"):
+        if name in items[0]:
+            batch[name] = torch.stack([item[name] for item in items])
+    return batch
+
+
 def _batches(items: Iterator[dict], batch_size: int) -> Iterator[dict]:
     """Group consecutive items (all of one shard) into batches of up to `batch_size`."""
     while chunk := list(islice(items, batch_size)):
-        batch = {
-            "key": [item["key"] for item in chunk],
-            "shard": [item["shard"] for item in chunk],
-            "row": torch.tensor([item["row"] for item in chunk]),
-            "view": torch.tensor([item["view"] for item in chunk]),
-            "mel_db": torch.stack([item["mel_db"] for item in chunk]),
-            "params": {name: torch.tensor([item["params"][name] for item in chunk]) for name in chunk[0]["params"]},
-            "labels": torch.stack([item["labels"] for item in chunk]),
-        }
-        for name in ("topk_values", "topk_indices"):
-            if name in chunk[0]:
-                batch[name] = torch.stack([item[name] for item in chunk])
-        yield batch
+        yield collate_items(chunk)

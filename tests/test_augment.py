@@ -105,13 +105,17 @@ def record(**fields) -> np.ndarray:
     return params
 
 
-def test_apply_shifts_circularly_then_masks_with_the_fill_value():
-    mel = torch.randn(1, 64, 1001)
-    params = record(shift_frames=300, time_mask_start=10, time_mask_frames=5, freq_mask_start=60, freq_mask_bins=4)
-    out = apply(mel, params, fill_db=0.0)
-    expected = torch.roll(mel, 300, dims=-1)
-    expected[..., 10:15] = 0.0
-    expected[:, 60:64, :] = 0.0
+def test_apply_shifts_circularly_either_way_then_masks_with_the_fill_value():
+    mel = torch.randn(2, 64, 1001)
+    params = np.concatenate([
+        record(shift_frames=300, time_mask_start=10, time_mask_frames=5, freq_mask_start=60, freq_mask_bins=4),
+        record(shift_frames=-7, time_mask_start=996, time_mask_frames=5),
+    ])
+    out = apply(mel, params_to_columns(params), mel, fill_db=-3.0)
+    expected = torch.stack([torch.roll(mel[0], 300, dims=-1), torch.roll(mel[1], -7, dims=-1)])
+    expected[0, :, 10:15] = -3.0
+    expected[0, 60:64, :] = -3.0
+    expected[1, :, 996:] = -3.0
     assert torch.equal(out, expected)
     assert not torch.equal(mel, out)  # the input is left alone
 
@@ -119,7 +123,7 @@ def test_apply_shifts_circularly_then_masks_with_the_fill_value():
 def test_apply_mixes_with_exactly_the_quantised_weight():
     own, partner = torch.randn(1, 64, 1001), torch.randn(1, 64, 1001)
     params = record(partner_row=5, partner_weight_q=51)  # w = 51 / 255 = 0.2
-    out = apply(own, params, partner)
+    out = apply(own, params_to_columns(params), partner)
     weight = torch.tensor(51.0) / 255
     assert torch.equal(out, own * ((255 - torch.tensor(51.0)) / 255) + partner * weight)
     assert torch.allclose(out, 0.8 * own + 0.2 * partner, atol=1e-5)
@@ -128,17 +132,27 @@ def test_apply_mixes_with_exactly_the_quantised_weight():
 def test_apply_of_a_batch_equals_apply_of_each_row_bit_for_bit():
     config = AugmentConfig(mixup_prob=1.0, mixup_block_clips=8)
     params = sample_shard(config, views=[0])[0][:8]
+    assert (params["partner_row"] >= 0).sum() >= 4 and (params["shift_frames"] != 0).any()
     mel, partner = torch.randn(8, 64, 1001) * 30, torch.randn(8, 64, 1001) * 30
-    batch = apply(mel, params, partner)
+    batch = apply(mel, params_to_columns(params), partner)
     for i in range(8):
-        assert torch.equal(batch[i], apply(mel[i : i + 1], params[i : i + 1], partner[i : i + 1])[0])
+        row = apply(mel[i : i + 1], params_to_columns(params[i : i + 1]), partner[i : i + 1])[0]
+        assert torch.equal(batch[i], row)
 
 
-def test_apply_refuses_parameters_outside_the_grid():
+def test_apply_ignores_the_partner_of_rows_without_one():
+    mel = torch.randn(1, 64, 50)
+    out = apply(mel, params_to_columns(record()), torch.full((1, 64, 50), float("nan")))
+    assert torch.equal(out, mel)
+
+
+def test_parameters_outside_the_grid_are_refused_and_apply_needs_a_partner_of_its_shape():
     with pytest.raises(ValueError, match="time mask"):
-        apply(torch.zeros(1, 64, 100), record(time_mask_start=95, time_mask_frames=10))
+        check_params(record(time_mask_start=95, time_mask_frames=10), frames=100)
+    with pytest.raises(ValueError, match="partner_row beyond"):
+        check_params(record(partner_row=40), frames=100, shard_clips=40)
     with pytest.raises(ValueError, match="partner_mel_db"):
-        apply(torch.zeros(1, 64, 100), record(partner_row=1, partner_weight_q=3))
+        apply(torch.zeros(1, 64, 100), params_to_columns(record()), torch.zeros(1, 64, 99))
 
 
 def test_fixed_length_pads_short_clips_with_zeros_and_cuts_long_ones():

@@ -21,6 +21,7 @@ from ced_train.lightning.data import ViewsDataModule
 from ced_train.lightning.fit import StageOutputError, read_provenance
 from ced_train.lightning.losses import TopKBCE, TopKKL, dense_targets
 from ced_train.models import create_model
+from ced_train.rendering import ViewRenderer
 from ced_train.teachers import load_ensemble
 from helpers import make_shards
 
@@ -111,7 +112,7 @@ def test_replayed_batches_are_exactly_what_the_teachers_saw_and_hold_no_labels(t
         for batch in batches[:2]:
             assert isinstance(batch, DistillBatch) and not hasattr(batch, "labels")
             assert set(batch.views.tolist()) == {epoch % VIEWS}
-            values, indices = ensemble(batch.mel_db).topk(5, dim=1)
+            values, indices = ensemble(ViewRenderer()(batch.inputs)).topk(5, dim=1)
             assert torch.equal(indices, batch.topk_indices[:, :5])
             assert torch.allclose(values, batch.topk_values[:, :5], atol=2e-3)  # stored as float16
 
@@ -120,14 +121,14 @@ def test_inconsistent_switch_draws_fresh_views_against_the_same_stored_targets(t
     replay, fresh = datamodule(tiny), datamodule(tiny, consistent=False)
     by_key = {}
     for batch in epoch_batches(replay, 1):
-        for i, key in enumerate(batch.keys):
-            by_key[key] = (batch.mel_db[i], batch.topk_indices[i], batch.views[i])
+        for i, (key, mel_db) in enumerate(zip(batch.keys, ViewRenderer()(batch.inputs), strict=True)):
+            by_key[key] = (mel_db, batch.topk_indices[i], batch.views[i])
     differing = 0
     for batch in epoch_batches(fresh, 1):
-        for i, key in enumerate(batch.keys):
+        for i, (key, fresh_mel_db) in enumerate(zip(batch.keys, ViewRenderer()(batch.inputs), strict=True)):
             mel_db, indices, view = by_key[key]
             assert torch.equal(batch.topk_indices[i], indices) and batch.views[i] == view
-            differing += not torch.equal(batch.mel_db[i], mel_db)
+            differing += not torch.equal(fresh_mel_db, mel_db)
     assert differing >= 16  # fresh shifts, masks and partners: (almost) every input differs
 
 

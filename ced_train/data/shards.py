@@ -44,7 +44,8 @@ class ShardFormatError(ValueError):
 
 @dataclass
 class Clip:
-    """One decoded sample. `waveform`: (samples,) float32 at 16 kHz (numpy from `iter_shard`, torch from `ClipStream`).
+    """One decoded sample. `waveform`: (samples,) float32 at 16 kHz (numpy from `iter_shard`, torch from `ClipStream`;
+    int16 from `iter_shard(dtype="int16")`).
 
     `clip["key"]` works as well as `clip.key`, so code written against webdataset-style dict samples reads Clips too.
     """
@@ -84,15 +85,19 @@ def encode_audio(waveform: np.ndarray, codec: str = "flac") -> tuple[bytes, str]
     return buffer.getvalue(), digest
 
 
-def decode_audio(data: bytes, codec: str, where: str = "<bytes>") -> np.ndarray:
+def decode_audio(data: bytes, codec: str, where: str = "<bytes>", dtype: str = "float32") -> np.ndarray:
     """Member bytes in `codec` → (samples,) float32 in [-1, 1), int16 / 32768 as libsndfile scales FLAC (both codecs
-    decode to identical arrays); checks FLAC's 16 kHz mono rule."""
+    decode to identical arrays), or with `dtype="int16"` the stored int16 samples themselves; checks FLAC's 16 kHz
+    mono rule."""
+    if dtype not in ("float32", "int16"):
+        raise ValueError(f"dtype {dtype!r} unknown; expected 'float32' or 'int16'")
     if codec == "pcm16":
         if len(data) % 2:
             raise ShardFormatError(f"{where}: .pcm16 member of odd length {len(data)}")
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+        pcm = np.frombuffer(data, dtype="<i2")
+        return pcm.astype(np.int16) if dtype == "int16" else pcm.astype(np.float32) / np.float32(32768.0)
     try:
-        waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        waveform, rate = soundfile.read(io.BytesIO(data), dtype=dtype, always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as error:
         raise ShardFormatError(f"{where}: audio does not decode as FLAC ({error})") from None
     if rate != SAMPLE_RATE or waveform.shape[1] != 1:
@@ -177,8 +182,9 @@ class ShardWriter:
             self.abort()
 
 
-def decode_sample(key: str, members: Mapping[str, bytes], shard: str) -> Clip:
-    """Build a Clip from one sample's member bytes (`{"flac" | "pcm16": ..., "json": ...}`)."""
+def decode_sample(key: str, members: Mapping[str, bytes], shard: str, dtype: str = "float32") -> Clip:
+    """Build a Clip from one sample's member bytes (`{"flac" | "pcm16": ..., "json": ...}`); `dtype` as in
+    `decode_audio`."""
     where = f"{shard}: sample {key!r}"
     audio = [codec for codec in CODECS if codec in members]
     if len(audio) != 1 or META_EXT not in members:
@@ -190,7 +196,7 @@ def decode_sample(key: str, members: Mapping[str, bytes], shard: str) -> Clip:
         raise ShardFormatError(f"{where}: .{META_EXT} is not valid JSON ({error})") from None
     if meta.get("key") != key:
         raise ShardFormatError(f"{where}: record names key {meta.get('key')!r}")
-    return Clip(key, decode_audio(members[audio[0]], audio[0], where), list(meta.get("labels", [])), meta, shard)
+    return Clip(key, decode_audio(members[audio[0]], audio[0], where, dtype), list(meta.get("labels", [])), meta, shard)
 
 
 def _split_member_name(name: str, shard: str) -> tuple[str, str]:
@@ -201,8 +207,9 @@ def _split_member_name(name: str, shard: str) -> tuple[str, str]:
     return key, ext.lower()
 
 
-def iter_shard(path: str | Path, start: int = 0, stop: int | None = None) -> Iterator[Clip]:
-    """Decode the clips of rows `[start, stop)` of one shard (default: all), in stored order.
+def iter_shard(path: str | Path, start: int = 0, stop: int | None = None, dtype: str = "float32") -> Iterator[Clip]:
+    """Decode the clips of rows `[start, stop)` of one shard (default: all), in stored order; `dtype` of the
+    waveforms as in `decode_audio`.
 
     A sequential read of the tar: rows before `start` are read but not decoded, and reading ends at `stop`.
     """
@@ -215,14 +222,14 @@ def iter_shard(path: str | Path, start: int = 0, stop: int | None = None) -> Ite
             key, ext = _split_member_name(info.name, path.name)
             if key != current_key:
                 if current_key is not None and row >= start:
-                    yield decode_sample(current_key, members, path.name)
+                    yield decode_sample(current_key, members, path.name, dtype)
                 row, current_key, members = row + 1, key, {}
                 if stop is not None and row >= stop:
                     return
             if row >= start:
                 members[ext] = tar.extractfile(info).read()
     if current_key is not None and row >= start:
-        yield decode_sample(current_key, members, path.name)
+        yield decode_sample(current_key, members, path.name, dtype)
 
 
 def read_shard(path: str | Path) -> dict[str, Clip]:

@@ -1,36 +1,51 @@
-"""Training batches: augmented model inputs with the targets of one kind of training, and nothing else.
+"""Training batches: what the views are rendered from with the targets of one kind of training, and nothing else.
 
 A distillation batch carries the teachers' stored top-k and no labels, so a distillation loss cannot read labels.
-Lightning moves dataclass batches to the device field by field.
+The views themselves are rendered on the training device from `inputs` (`rendering.ViewRenderer`), inside the
+training step. Lightning moves dataclass batches to the device field by field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from ced_train.rendering import ViewInputs
+
+
+def _pinned(batch):
+    """A copy of a batch dataclass with its tensors (and `ViewInputs`) in pinned memory."""
+    def pin(value):
+        return value.pin_memory() if isinstance(value, torch.Tensor | ViewInputs) else value
+
+    return dataclasses.replace(batch, **{field.name: pin(getattr(batch, field.name))
+                                         for field in dataclasses.fields(batch)})
+
 
 @dataclass
 class SupervisedBatch:
-    """mel_db: `(batch, 64, frames)` augmented log-mel in dB (before the model's mel BatchNorm);
-    labels: `(batch, classes)` float32 multi-hot labels, mixed like the inputs for mixed views."""
+    """inputs: the views (`ViewInputs`, rendered to `(batch, 64, frames)` log-mel dB before the model's mel
+    BatchNorm); labels: `(batch, classes)` float32 multi-hot labels, mixed like the inputs for mixed views."""
 
-    mel_db: torch.Tensor
+    inputs: ViewInputs
     labels: torch.Tensor
     keys: list[str]
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    pin_memory = _pinned  # called by DataLoader(pin_memory=True)
+
 
 @dataclass
 class DistillBatch:
-    """mel_db: `(batch, 64, frames)` augmented log-mel in dB; topk_values: `(batch, k)` float32 ensemble
-    probabilities of that same view; topk_indices: `(batch, k)` int64 class indices; views: `(batch,)` int64 store
-    view each row was read from."""
+    """inputs: the views (`ViewInputs`); topk_values: `(batch, k)` float32 ensemble probabilities of those same
+    views; topk_indices: `(batch, k)` int64 class indices; views: `(batch,)` int64 store view each row was read
+    from."""
 
-    mel_db: torch.Tensor
+    inputs: ViewInputs
     topk_values: torch.Tensor
     topk_indices: torch.Tensor
     views: torch.Tensor
@@ -38,3 +53,5 @@ class DistillBatch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    pin_memory = _pinned

@@ -1,5 +1,6 @@
-"""The LightningDataModule of both training stages: rendered training views (`ced_train.views.ViewDataset`) and
-labelled full-length validation clips (`ced_train.data.ClipStream`).
+"""The LightningDataModule of both training stages: training views (`ced_train.views.ViewDataset`: decoded clips
+and view parameters, rendered by the module on its device) and labelled full-length validation clips
+(`ced_train.data.ClipStream`).
 
 Training reads one view per clip per epoch: with a teacher store, view `epoch % V` with its stored augmentation
 (replay, consistent) or fresh parameters against the same stored targets (`consistent=False`); without a store,
@@ -22,13 +23,14 @@ from ced_train.augment import AugmentConfig, ViewSampler
 from ced_train.data import ClipStream, collate_clips, read_manifest
 from ced_train.data.stream import contiguous_part
 from ced_train.lightning.batches import DistillBatch, SupervisedBatch
+from ced_train.rendering import collate_views
 from ced_train.store import TeacherStore
 from ced_train.views import ViewDataset
 
 
 def collate_supervised(items: list[dict]) -> SupervisedBatch:
     return SupervisedBatch(
-        mel_db=torch.stack([item["mel_db"] for item in items]),
+        inputs=collate_views(items),
         labels=torch.stack([item["labels"] for item in items]),
         keys=[item["key"] for item in items],
     )
@@ -37,7 +39,7 @@ def collate_supervised(items: list[dict]) -> SupervisedBatch:
 def collate_distill(items: list[dict]) -> DistillBatch:
     """Stored targets only: the items' labels are left behind, so distillation never sees them."""
     return DistillBatch(
-        mel_db=torch.stack([item["mel_db"] for item in items]),
+        inputs=collate_views(items),
         topk_values=torch.stack([item["topk_values"] for item in items]),
         topk_indices=torch.stack([item["topk_indices"] for item in items]),
         views=torch.tensor([item["view"] for item in items]),

@@ -21,6 +21,7 @@ from ced_train.data import ClipBatch
 from ced_train.lightning.batches import DistillBatch, SupervisedBatch
 from ced_train.metrics import tagging_metrics
 from ced_train.models import CEDModel
+from ced_train.rendering import ViewRenderer
 
 MONITOR = "val/mAP"
 
@@ -109,6 +110,7 @@ class TaggerModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.seed = seed
         self.compile = compile
+        self.renderer = ViewRenderer()  # the batch's views, rendered on the training device
         self._train_forward: Callable[[torch.Tensor], torch.Tensor] = model.forward_spectrogram
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
@@ -125,7 +127,7 @@ class TaggerModule(pl.LightningModule):
         torch.manual_seed(batch_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def training_step(self, batch: SupervisedBatch | DistillBatch, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self._train_forward(batch.mel_db), batch)
+        loss = self.loss(self._train_forward(self.renderer(batch.inputs)), batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         if isinstance(batch, DistillBatch):  # the replay schedule: view epoch mod V
             self.log("train/view", batch.views.float().mean(), on_step=False, on_epoch=True, batch_size=len(batch))

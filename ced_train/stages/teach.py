@@ -38,6 +38,7 @@ from ced_train.store import (
     part_is_complete,
     write_part,
 )
+from ced_train.rendering import ViewRenderer
 from ced_train.teachers import TeacherEnsemble
 from ced_train.views import ViewDataset
 
@@ -141,7 +142,7 @@ def teacher_pass(
         augment, seed: the augmentation config and the seed that key every view's parameters.
         num_views: views per clip; top_k: outputs kept per view.
         batch_size: (clip, view) inputs per ensemble call; batches never span shards.
-        num_workers: DataLoader workers that decode and render clips (whole shards per worker).
+        num_workers: DataLoader workers that decode clips (whole shards per worker); views render on `device`.
         precision: autocast dtype: "bf16", "fp16", "fp32" (none), or "auto" (bf16 on a GPU, none on a CPU).
         device: "auto" (this rank's GPU if any, else CPU) or a torch device string.
         overwrite: replace a store or parts made from something else; without it they are an error. Parts of this
@@ -285,6 +286,7 @@ def _run_shards(
                                          pin_memory=device.type == "cuda")
     dtype = autocast_dtype("teach.precision", precision, device)
     ensemble = ensemble.to(device).eval()
+    renderer = ViewRenderer().to(device)
     shard_by_name = {shard.name: shard for shard in shards}
     buffers: dict[str, dict] = {}
     views = spec.num_views
@@ -295,7 +297,7 @@ def _run_shards(
             unfinished.discard(shard.name)
     with tqdm(total=len(dataset), unit="view", desc="teach", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
-            mel_db = batch["mel_db"].to(device, non_blocking=True)
+            mel_db = renderer(batch["inputs"].to(device, non_blocking=True))
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 probs = ensemble(mel_db)
             values, indices = probs.float().topk(spec.top_k, dim=1)
