@@ -2,6 +2,9 @@
 
   teach     the teacher pass (`stages.teach.teacher_pass`) of 2 x CED-Base over synthetic shards, which writes the
             store the student replays, against the bare ensemble forward on a batch already on the device
+  render    views of that store rendered on the device (`rendering.ViewRenderer`: front end + `apply`, batched):
+            views/s, and the checks that they agree within 1e-4 dB with the CPU's rendering and across batch sizes
+            on the device (kernels are chosen by shape)
   distill   the CED-Tiny student's Lightning fit on `ViewsDataModule` replaying that store (shards -> ViewDataset ->
             DataLoader workers -> training step + AdamW), and the same fit on a few of its batches cached on the
             device (no data path), under bf16 and fp16 autocast, torch.compile off and on
@@ -52,9 +55,11 @@ from ced_train.lightning.losses import TopKBCE
 from ced_train.lightning.module import TaggerModule, clip_probabilities
 from ced_train.lightning.schedules import warmup_cosine
 from ced_train.models import create_model, load_checkpoint
+from ced_train.rendering import ViewRenderer, collate_views
 from ced_train.stages import evaluate as evaluate_stage
 from ced_train.stages.teach import teacher_pass
 from ced_train.teachers import CEDTeacher, TeacherEnsemble
+from ced_train.views import ViewDataset
 from data_prep.audioset import AudioIndex, read_segments
 from data_prep.sharding import available_cpus, build_shards
 from data_prep.synthetic import generate
@@ -63,7 +68,8 @@ TOP_K, VIEWS = 20, 2
 LIGHTNING_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed"}
 # Guessed seconds beyond --seconds that a measurement costs on one H200 (Trainer set-up, DataLoader workers, caching
 # batches; the first compiled fit of a precision compiles forward and backward), for the --budget check.
-COST_S = {"fit": 6, "compile": 60, "bare": 2, "evaluate": 15, "ddp": 30}
+COST_S = {"fit": 6, "compile": 60, "bare": 2, "evaluate": 15, "ddp": 30, "render": 10}
+RENDER_TOLERANCE_DB = 1e-4  # rendered views of one store on two devices, or in two batch sizes on one
 
 
 def synchronize(device: torch.device) -> None:
@@ -186,12 +192,14 @@ class Report:
         self.out = out
         self.context = context
         self.figures: dict[str, dict] = {}
+        self.checks: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}
 
     def save(self) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps({**self.context, "figures": self.figures, "ratios": self.ratios(),
-                                        "skipped": self.skipped, "total_s": time.perf_counter() - self.start},
+                                        "checks": self.checks, "skipped": self.skipped,
+                                        "total_s": time.perf_counter() - self.start},
                                        indent=2))
 
     def time_left(self, name: str, cost_s: float) -> bool:
@@ -220,6 +228,13 @@ class Report:
     def add(self, name: str, clips_per_s: float, unit: str = "clips/s", **extra) -> None:
         self.figures[name] = {"rate": clips_per_s, "unit": unit, **{k: v for k, v in extra.items() if v is not None}}
         print(f"  {name:44s} {clips_per_s:10.1f} {unit}", flush=True)
+        self.save()
+
+    def check(self, name: str, value: float, limit: float) -> None:
+        """A measured deviation against its limit (met: value <= limit)."""
+        self.checks[name] = {"value": value, "limit": limit, "met": value <= limit}
+        print(f"  check {name:52s} {value:10.2e} (limit {limit:g}: {'met' if value <= limit else 'MISSED'})",
+              flush=True)
         self.save()
 
     def ratios(self) -> dict[str, float]:
@@ -253,6 +268,9 @@ class Report:
         print()
         for name, value in self.ratios().items():
             print(f"ratio {name:52s} {value:6.3f}")
+        for name, check in self.checks.items():
+            print(f"check {name:52s} {check['value']:10.2e} (limit {check['limit']:g}: "
+                  f"{'met' if check['met'] else 'MISSED'})")
         for name, why in self.skipped.items():
             print(f"skipped {name}: {why}")
         print(f"total {time.perf_counter() - self.start:.0f} s")
@@ -288,6 +306,31 @@ def run_teach(args, report: Report, shards: Path, store: Path, clips: int) -> No
 
         report.add("teach bare forward", forward_rate(forward, args.teach_batch, args.seconds, args.device),
                    "(clip, view)/s", timed_s=args.seconds)
+
+
+def run_render(args, report: Report, shards: Path, store: Path) -> None:
+    """Views of the store rendered on the CPU and on the device, whole and in other batch sizes; the device's rate."""
+    if not report.time_left("render", args.seconds + COST_S["render"]):
+        return
+    dataset = ViewDataset(shards, store=store)
+    items = list(dataset.render(0, min(args.teach_batch, dataset.num_clips)))
+    inputs = collate_views(items)
+    on_cpu = ViewRenderer()(inputs)
+    renderer = ViewRenderer().to(args.device)
+    whole = renderer(inputs.to(args.device)).cpu()
+    report.check("render: device vs CPU, max |difference| in dB", (whole - on_cpu).abs().max().item(),
+                 RENDER_TOLERANCE_DB)
+    across = 0.0
+    for size in (1, 7):
+        pieces = torch.cat([renderer(collate_views(items[i : i + size]).to(args.device)).cpu()
+                            for i in range(0, len(items), size)])
+        across = max(across, (pieces - whole).abs().max().item())
+    report.check("render: device, batches of 1 and 7 vs one batch, max |difference| in dB", across,
+                 RENDER_TOLERANCE_DB)
+    device_inputs = inputs.to(args.device)
+    report.add("render on device", forward_rate(lambda: renderer(device_inputs), len(items), args.seconds,
+                                                args.device), "views/s", timed_s=args.seconds,
+               distinct_clips=inputs.waveforms.shape[0])
 
 
 def distill_settings(args) -> list[tuple[str, bool]]:
@@ -450,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         store, checkpoint = root / "store" / "teachers.h5", root / "student.ckpt"
         with report.attempt("teach"):
             run_teach(args, report, shards, store, clips)
+        with report.attempt("render"):
+            run_render(args, report, shards, store)
         if args.device.type == "cuda":
             torch.cuda.empty_cache()  # the teachers' memory, before the student's fits
         first, *rest = distill_settings(args)

@@ -72,10 +72,13 @@ class OnlineDistillModule(TaggerModule):
         self.ensemble = ensemble.eval()
 
     def training_step(self, batch, batch_idx):
+        mel_db = self.renderer(batch.inputs)
         with torch.no_grad():
-            values, indices = self.ensemble(self.renderer(batch.inputs)).topk(TOP_K, dim=1)
+            values, indices = self.ensemble(mel_db).topk(TOP_K, dim=1)
         targets = DistillBatch(batch.inputs, values, indices, torch.zeros(len(batch)), batch.keys)
-        return super().training_step(targets, batch_idx)
+        loss = self.loss(self._train_forward(mel_db), targets)
+        self.log("train/loss", loss, batch_size=len(batch))
+        return loss
 
 
 def make_data(root: Path, clips: int) -> Path:

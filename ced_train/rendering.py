@@ -110,5 +110,12 @@ class ViewRenderer(nn.Module):
     @torch.no_grad()
     def forward(self, inputs: ViewInputs) -> torch.Tensor:
         with torch.autocast(device_type=inputs.waveforms.device.type, enabled=False):
-            mel_db = self.front_end(inputs.waveforms.float() / PCM_SCALE)
+            mel_db = self.log_mel(inputs.waveforms.float() / PCM_SCALE)
             return apply(mel_db[inputs.clip], inputs.params, mel_db[inputs.partner], inputs.fill_db)
+
+    def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """`(clips, samples)` float32 → `(clips, 64, frames)` dB. On a CPU one clip at a time: the same bits, twice as
+        fast as the whole batch at once (one clip's spectrogram stays in cache); on an accelerator batched."""
+        if waveforms.device.type == "cpu":
+            return torch.cat([self.front_end(waveform[None]) for waveform in waveforms])
+        return self.front_end(waveforms)

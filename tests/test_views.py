@@ -155,3 +155,16 @@ def test_fresh_student_views_change_with_the_epoch(shards):
 def test_a_dataset_needs_a_store_or_a_sampler(shards):
     with pytest.raises(ValueError, match="store .* or a sampler"):
         ViewDataset(shards)
+
+
+def test_rendering_does_not_depend_on_the_cpu_thread_count(shards):
+    inputs = collate_views(list(ViewDataset(shards, sampler=ViewSampler(AUGMENT, seed=4), views=[0, 1])))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = RENDER(inputs)
+        torch.set_num_threads(2)
+        two = RENDER(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
