@@ -369,7 +369,8 @@ def run_evaluate(args, report: Report, shards: Path, checkpoint: Path, out_dir: 
     clips = read_manifest(shards).num_samples
     cfg = OmegaConf.create({"evaluate": {"shards": str(shards), "checkpoint": str(checkpoint), "systems": {},
                                          "batch_size": args.batch, "num_workers": args.workers,
-                                         "device": str(args.device), "precision": "bf16", "out_dir": str(out_dir)}})
+                                         "device": str(args.device), "precision": "bf16", "out_dir": str(out_dir),
+                                         "baseline_shards": None}})  # the networks' rate, without the probe
     start = time.perf_counter()
     evaluate_stage.run(cfg)
     elapsed = time.perf_counter() - start

@@ -3,7 +3,8 @@
 The config lives in `configs/` (recipes in `recipes/`, reachable as the config group `recipe`) at the top of the
 repository. Before any stage starts, every file a stage reads must exist or be made by an earlier stage of the same
 run, so a run with a missing path fails at once, naming the option that sets it. Each run writes `results.json`
-into its run directory and prints `results: <path>` as its last line.
+into its run directory, and `results.md` beside it (the mAP table, settings, timings and plots: ced_train/report.py),
+and prints `results: <path>` as its last line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ced_train.data.manifest import write_json_atomic
 from ced_train.models import CheckpointError
+from ced_train.report import write_report
 from ced_train.stages import distill, evaluate, is_global_zero, prepare, teach, train
 from ced_train.stages.evaluate import systems_of
 from ced_train.store import StoreError
@@ -41,6 +43,32 @@ STAGES: dict[str, Callable[[DictConfig], dict]] = {
     "distill": distill.run,
     "evaluate": evaluate.run,
 }
+
+
+# The settings results.md shows, each with the stages that read it (shown when one of them ran).
+KEY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "seed": ("train", "teach", "distill"),
+    "train.model.name": ("train",),
+    "train.members": ("train",),
+    "teachers.name": ("teach", "distill"),
+    "teachers.checkpoints": ("teach",),
+    "store.path": ("teach", "distill"),
+    "distill.model.name": ("distill",),
+    "data.train_shards": ("prepare", "train", "teach", "distill"),
+    "data.val_shards": ("train", "distill"),
+    "evaluate.shards": ("evaluate",),
+    "evaluate.baseline_shards": ("evaluate",),
+}
+
+
+def run_settings(cfg: DictConfig) -> dict:
+    """`KEY_SETTINGS` that the run's stages read, resolved (None where unset)."""
+    settings = {}
+    for key, stages in KEY_SETTINGS.items():
+        if set(stages) & set(cfg.stages):
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+            settings[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return settings
 
 
 class MissingInputError(FileNotFoundError):
@@ -70,10 +98,11 @@ def stage_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Callable[[], ob
                 ("store.path", lambda: cfg.store.path)] + _init_checkpoint_input(cfg, "distill")
     if stage == "evaluate":
         systems = systems_of(cfg)
+        baseline = OmegaConf.to_container(cfg.evaluate, resolve=False).get("baseline_shards") is not None
         return [("evaluate.shards", lambda: cfg.evaluate.shards)] + [
             (f"evaluate.systems.{name}[{i}]", lambda p=path: p)
             for name, paths in systems.items() for i, path in enumerate(paths)
-        ]
+        ] + ([("evaluate.baseline_shards", lambda: cfg.evaluate.baseline_shards)] if baseline else [])
     return []
 
 
@@ -245,8 +274,10 @@ def main(cfg: DictConfig) -> None:
         return
     run_dir = Path(cfg.paths.output_dir)
     path = run_dir / "results.json"
-    write_json_atomic(path, {"name": cfg.name, "stages": list(cfg.stages), "run_dir": str(run_dir),
-                             "seconds": seconds, "results": results})
+    payload = {"name": cfg.name, "stages": list(cfg.stages), "run_dir": str(run_dir), "settings": run_settings(cfg),
+               "seconds": seconds, "results": results}
+    write_json_atomic(path, payload)
+    print(f"report: {write_report(payload, run_dir)[0]}", flush=True)
     print(f"results: {path}", flush=True)
 
 

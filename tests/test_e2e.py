@@ -1,5 +1,5 @@
-"""`python -m ced_train +recipe=tiny_distill` end to end on a shrunk configuration: from nothing to the mAP table,
-then again, when every stage reuses what the first run made and says so."""
+"""`python -m ced_train +recipe=tiny_distill` end to end on a shrunk configuration: from nothing to the mAP table and
+results.md with its plots, then again, when every stage reuses what the first run made and says so."""
 
 import json
 import os
@@ -38,7 +38,7 @@ def test_tiny_distill_runs_end_to_end_then_reuses_every_stage(tmp_path):
     results = json.loads(results_path.read_text())
     assert results["stages"] == ["prepare", "train", "teach", "distill", "evaluate"]
     systems = results["results"]["evaluate"]["systems"]
-    assert list(systems) == ["teacher0", "teacher1", "teacher2", "ensemble", "student"]
+    assert list(systems) == ["teacher0", "teacher1", "teacher2", "ensemble", "student", "baseline_logreg"]
     assert len(systems["ensemble"]["checkpoints"]) == 3
     for name, scores in systems.items():
         assert 0.0 < scores["mAP"] <= 1.0 and scores["num_clips"] == results["results"]["prepare"]["shards"]["eval"]["clips"]
@@ -48,6 +48,18 @@ def test_tiny_distill_runs_end_to_end_then_reuses_every_stage(tmp_path):
     # wandb is offline by default, its files inside the run directory
     assert list(results_path.parent.glob("wandb/offline-run-*"))
     assert not results["results"]["distill"]["reused"]
+    assert set(results["seconds"]) == {"total", *results["stages"]}
+    # results.md: every system's row, the settings, and both plots as PNG files beside it
+    assert lines[-2] == f"report: {results_path.parent / 'results.md'}"
+    report = (results_path.parent / "results.md").read_text()
+    for name, scores in systems.items():
+        assert f"| {name} | {100 * scores['mAP']:.2f} | {100 * scores['mAUC']:.2f} |" in report
+    assert "| `distill.model.name` | `ced_tiny` |" in report and "| distill |" in report
+    for plot in ("val_map.png", "per_class_ap.png"):
+        assert f"]({plot})" in report
+        png = (results_path.parent / plot).read_bytes()
+        assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(len(member["val_history"]) == 2 for member in results["results"]["train"]["members"])
 
     second = run_demo(tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -58,4 +70,7 @@ def test_tiny_distill_runs_end_to_end_then_reuses_every_stage(tmp_path):
     assert "distill: reusing" in log
     again = json.loads(Path(second.stdout.strip().splitlines()[-1].removeprefix("results: ")).read_text())
     assert again["results"]["distill"]["reused"] is True
+    # the reused exports' provenance keeps the validation history, so the second report plots it too
+    assert again["results"]["distill"]["val_history"] == results["results"]["distill"]["val_history"]
+    assert (Path(again["run_dir"]) / "val_map.png").is_file()
     assert again["results"]["evaluate"]["systems"]["student"]["mAP"] == systems["student"]["mAP"]

@@ -94,13 +94,14 @@ def test_evaluate_scores_official_lightning_and_exported_checkpoints_alike(synth
         "stages=[evaluate]", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
         f"evaluate.shards={synthetic_train_shards}", f"evaluate.checkpoint={tmp_path}/official.pt",
         f"+evaluate.systems.lightning=[{tmp_path}/last.ckpt]", f"+evaluate.systems.export=[{tmp_path}/export.ckpt]",
-        f"+evaluate.systems.pair=[{tmp_path}/official.pt,{tmp_path}/other.pt]",
+        f"+evaluate.systems.pair=[{tmp_path}/official.pt,{tmp_path}/other.pt]", "evaluate.baseline_shards=null",
     ])
     systems = run_stages(cfg)[0]["evaluate"]["systems"]
     assert systems["official"]["mAP"] == pytest.approx(systems["lightning"]["mAP"], abs=1e-6)
     assert systems["export"]["mAP"] == pytest.approx(systems["lightning"]["mAP"], abs=1e-6)
     assert systems["official"]["num_clips"] == 21 and systems["pair"]["checkpoints"][1].endswith("other.pt")
     assert systems["pair"]["mAP"] != pytest.approx(systems["official"]["mAP"], abs=1e-6)
+    assert "baseline_logreg" not in systems  # baseline_shards=null leaves the baseline out
     table = capsys.readouterr().out
     assert all(name in table for name in ("official", "lightning", "export", "pair"))
     assert (tmp_path / "run" / "evaluate" / "pair_per_class.csv").is_file()
