@@ -293,15 +293,47 @@ def params_from_columns(columns: dict) -> np.ndarray:
     return params
 
 
+VIEW_MODES = ("replay", "fresh", "reference")  # the values of distill.views
+
+
 @dataclass(frozen=True)
 class ViewSampler:
     """Fresh parameters from `config`, keyed by (`purpose`, `seed`, clip key, view): the teacher pass uses one to
     make the stored views; distillation without consistency one with another seed; supervised training one of
-    purpose `"train"`."""
+    purpose `"train"`.
+
+    With `reference`, the views of the reference's ablation `disable_consistency` (RicherMans/CED): no time shift,
+    fresh masks, and the mixup partner and weight of the stored view, which that switch leaves as configured."""
 
     config: AugmentConfig
     seed: int
     purpose: str = TEACH
+    reference: bool = False
 
-    def sample(self, keys: list[str], views: list[int], rows: list[int], shard_clips: int) -> np.ndarray:
-        return sample_views(self.config, self.seed, keys, views, rows, shard_clips, self.purpose)
+    def sample(
+        self, keys: list[str], views: list[int], rows: list[int], shard_clips: int, stored: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`(n,) VIEW_PARAMS_DTYPE` of the clips' views; `stored`: the store's `(n,)` records of the same clips and
+        rows (needed with `reference`)."""
+        params = sample_views(self.config, self.seed, keys, views, rows, shard_clips, self.purpose)
+        if self.reference:
+            if stored is None or stored.shape != params.shape:
+                raise ValueError(f"reference views keep the stored mixup: expected {len(params)} stored records, "
+                                 f"got {None if stored is None else len(stored)}")
+            params["shift_frames"] = 0
+            params["partner_row"] = stored["partner_row"]
+            params["partner_weight_q"] = stored["partner_weight_q"]
+        return params
+
+
+def distill_sampler(views: str, config: AugmentConfig, seed: int) -> ViewSampler | None:
+    """The sampler of distillation's views (`distill.views`) on a store made with `config`.
+
+    "replay": None, the stored views. "fresh": shift, masks and mixup drawn anew (stream "fresh", `seed`).
+    "reference": the masks of "fresh" (the same draws), no shift, the stored mixup.
+    """
+    if views not in VIEW_MODES:
+        raise ValueError(f"distill.views={views!r}: expected one of {', '.join(VIEW_MODES)}")
+    if views == "replay":
+        return None
+    return ViewSampler(config, seed, purpose="fresh", reference=views == "reference")

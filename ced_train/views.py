@@ -16,7 +16,8 @@ Three ways to use it:
   parameters read from the store and the stored top-k targets with it: rendered, the input the teachers saw, bit for
   bit on the same device type;
 - no consistency / supervised ("fresh"): `ViewDataset(shards, sampler=ViewSampler(cfg, other_seed), store=path | None)`
-  draws new parameters for every epoch.
+  draws new parameters for every epoch; with `ViewSampler(..., reference=True)` and a store, the reference's
+  `disable_consistency` views (no shift, fresh masks, the stored mixup).
 
 Call `set_epoch(epoch)` before each epoch (the DataLoader must not use persistent workers, so workers see it).
 """
@@ -53,7 +54,8 @@ class ViewDataset(IterableDataset):
     Args:
         shards_dir: shard directory (with `manifest.json`).
         store: teacher store; gives the top-k targets and, without a `sampler`, the augmentation parameters.
-        sampler: draws fresh parameters instead of reading them (teacher pass, ablation, supervised training).
+        sampler: draws fresh parameters instead of reading them (teacher pass, ablations, supervised training); a
+            `reference` sampler also gets the stored ones.
         views: view indices rendered for every clip (teacher pass: `range(V)`). None (student): one view per epoch,
             view `epoch % V` of the store, or view counter `epoch` for fresh parameters without a store.
         shard_names: only these shards (default: all, in manifest order).
@@ -225,17 +227,17 @@ class ViewDataset(IterableDataset):
         the top-k values `(n, k)` float32 and indices `(n, k)` int64 (else None)."""
         size = len(labels)
         rows = np.arange(block_start, block_start + size)
-        values = indices = None
-        if self.sampler is not None:
-            counter = view if self.views is not None else self.epoch
-            params = self.sampler.sample(list(shard.keys[block_start : block_start + size]), [counter] * size,
-                                         rows.tolist(), shard.num_samples)
+        values = indices = stored = None
         if self.store is not None:
             values, indices, stored = self.store.read(view, store_start + block_start, store_start + block_start + size)
             values, indices = torch.from_numpy(values.astype(np.float32)), torch.from_numpy(indices.astype(np.int64))
-            if self.sampler is None:
-                params = stored
-                check_params(params, self.augment.frames, shard.num_samples)
+            check_params(stored, self.augment.frames, shard.num_samples)
+        if self.sampler is None:
+            params = stored
+        else:
+            counter = view if self.views is not None else self.epoch
+            params = self.sampler.sample(list(shard.keys[block_start : block_start + size]), [counter] * size,
+                                         rows.tolist(), shard.num_samples, stored)
         partner_row = params["partner_row"].astype(np.int64)
         outside = (partner_row >= 0) & ((partner_row < block_start) | (partner_row >= block_start + size))
         if outside.any():

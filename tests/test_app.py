@@ -89,9 +89,9 @@ def test_unknown_recipe_lists_the_available_ones(tmp_path):
 
 
 def test_command_line_override_beats_recipe(tmp_path):
-    cfg = compose(["+recipe=tiny_distill", "distill.consistent=false", "model@distill.model=ced_mini",
+    cfg = compose(["+recipe=tiny_distill", "distill.views=fresh", "model@distill.model=ced_mini",
                    f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
-    assert cfg.distill.consistent is False
+    assert cfg.distill.views == "fresh"
     assert cfg.distill.model.name == "ced_mini"
     assert cfg.train.model.name == "ced_test"  # the recipe's teachers are untouched
 

@@ -1,5 +1,5 @@
 """Distillation: the losses, the replayed batches (exactly what the teachers saw, no labels, view epoch mod V), the
-consistency switch, exact resume of the distill stage, and reuse of its export."""
+three kinds of views (`distill.views`), exact resume of the distill stage, and reuse of its export."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def distill_cfg(tiny, out_dir, *extra):
                     f"paths.output_dir={out_dir}/logs", *extra])
 
 
-def datamodule(tiny, consistent=True) -> ViewsDataModule:
+def datamodule(tiny, views="replay") -> ViewsDataModule:
     dm = ViewsDataModule(tiny["shards"], tiny["shards"], batch_size=4, eval_batch_size=8, seed=0,
-                         store=tiny["store"], consistent=consistent, fresh_seed=99)
+                         store=tiny["store"], views=views, fresh_seed=99)
     dm.setup("fit")
     return dm
 
@@ -117,8 +117,8 @@ def test_replayed_batches_are_exactly_what_the_teachers_saw_and_hold_no_labels(t
             assert torch.allclose(values, batch.topk_values[:, :5], atol=2e-3)  # stored as float16
 
 
-def test_inconsistent_switch_draws_fresh_views_against_the_same_stored_targets(tiny):
-    replay, fresh = datamodule(tiny), datamodule(tiny, consistent=False)
+def test_fresh_views_are_new_inputs_against_the_same_stored_targets(tiny):
+    replay, fresh = datamodule(tiny), datamodule(tiny, views="fresh")
     by_key = {}
     for batch in epoch_batches(replay, 1):
         for i, (key, mel_db) in enumerate(zip(batch.keys, ViewRenderer()(batch.inputs), strict=True)):
@@ -133,11 +133,11 @@ def test_inconsistent_switch_draws_fresh_views_against_the_same_stored_targets(t
 
 
 def test_fresh_views_with_the_store_seed_are_still_not_the_stored_views(tiny):
-    """`distill.consistent=false` draws from its own stream: even `fresh_seed` equal to the teacher pass's seed
-    gives other views than the stored ones."""
+    """`distill.views=fresh` draws from its own stream: even `fresh_seed` equal to the teacher pass's seed gives
+    other views than the stored ones."""
     stored = _params_by_key(datamodule(tiny))
     dm = ViewsDataModule(tiny["shards"], tiny["shards"], batch_size=4, eval_batch_size=8, seed=0,
-                         store=tiny["store"], consistent=False, fresh_seed=0)
+                         store=tiny["store"], views="fresh", fresh_seed=0)
     dm.setup("fit")
     fresh = _params_by_key(dm)
     assert fresh.keys() == stored.keys()
@@ -147,6 +147,37 @@ def test_fresh_views_with_the_store_seed_are_still_not_the_stored_views(tiny):
 def _params_by_key(dm: ViewsDataModule) -> dict[str, dict]:
     dm.set_epoch(1)
     return {item["key"]: item["params"] for item in dm.train_set}
+
+
+MASKS = ("time_mask_start", "time_mask_frames", "freq_mask_start", "freq_mask_bins")
+MIXUP = ("partner_row", "partner_weight_q")
+
+
+def test_reference_views_have_no_shift_fresh_masks_and_the_stored_mixup(tiny):
+    """RicherMans/CED's `disable_consistency`: the shift goes, SpecAugment is redrawn (the draws of `fresh`), and the
+    mixup partner and weight stored with the view stay, as do the targets."""
+    stored, fresh = _params_by_key(datamodule(tiny)), _params_by_key(datamodule(tiny, "fresh"))
+    reference = _params_by_key(datamodule(tiny, "reference"))
+    assert reference.keys() == stored.keys()
+    assert any(p["shift_frames"] for p in stored.values()) and any(p["partner_row"] >= 0 for p in stored.values())
+    assert all(p["shift_frames"] == 0 for p in reference.values())
+    assert all({n: p[n] for n in MIXUP} == {n: stored[k][n] for n in MIXUP} for k, p in reference.items())
+    assert all({n: p[n] for n in MASKS} == {n: fresh[k][n] for n in MASKS} for k, p in reference.items())
+    assert sum({n: p[n] for n in MASKS} != {n: stored[k][n] for n in MASKS} for k, p in reference.items()) >= 18
+
+    targets = {key: indices for batch in epoch_batches(datamodule(tiny), 1)
+               for key, indices in zip(batch.keys, batch.topk_indices, strict=True)}
+    for batch in epoch_batches(datamodule(tiny, "reference"), 1):
+        assert torch.equal(batch.inputs.params["shift_frames"], torch.zeros(len(batch.keys), dtype=torch.int64))
+        assert all(torch.equal(indices, targets[key]) for key, indices in zip(batch.keys, batch.topk_indices))
+
+
+def test_an_unknown_views_value_is_refused_in_one_line_and_the_old_switch_is_gone(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"^distill.views='consistent': expected one of replay, fresh, reference$"):
+        run_stages(distill_cfg(tiny, tmp_path, "distill.views=consistent"))
+    assert not (tmp_path / "student.ckpt").exists()
+    with pytest.raises(Exception, match="consistent"):
+        distill_cfg(tiny, tmp_path, "distill.consistent=false")
 
 
 def test_distill_resumed_at_an_epoch_boundary_matches_the_uninterrupted_run(tiny, tmp_path):

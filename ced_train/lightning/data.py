@@ -3,10 +3,11 @@ and view parameters, rendered by the module on its device) and labelled full-len
 (`ced_train.data.ClipStream`).
 
 Training reads one view per clip per epoch: with a teacher store, view `epoch % V` with its stored augmentation
-(replay, consistent) or fresh parameters against the same stored targets (`consistent=False`); without a store,
-fresh parameters and the clips' labels (supervised). Ranks and DataLoader workers split the epoch's clips, not whole
-shards, and every rank runs the same number of batches (DDP needs it): see `EqualBatches`; validation likewise splits
-by clip and pads every rank to the same number of batches (`ClipStream(pad=True)`).
+(`views="replay"`), or other parameters against the same stored targets (`"fresh"`, `"reference"`:
+`augment.distill_sampler`); without a store, fresh parameters and the clips' labels (supervised). Ranks and
+DataLoader workers split the epoch's clips, not whole shards, and every rank runs the same number of batches (DDP
+needs it): see `EqualBatches`; validation likewise splits by clip and pads every rank to the same number of batches
+(`ClipStream(pad=True)`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ced_train.augment import AugmentConfig, ViewSampler
+from ced_train.augment import AugmentConfig, ViewSampler, distill_sampler
 from ced_train.data import ClipStream, collate_clips, read_manifest
 from ced_train.data.stream import contiguous_part
 from ced_train.lightning.batches import DistillBatch, SupervisedBatch
@@ -101,7 +102,8 @@ class ViewsDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers per rank (any number: they split the rank's clips).
         seed: seed of the shard and clip shuffles.
         store: teacher store (distillation) or None (supervised training on labels).
-        consistent: with a store, replay its views (True) or draw fresh ones with `fresh_seed` (False).
+        views: with a store (`distill.views`): "replay" its views, draw "fresh" ones with `fresh_seed`, or the
+            "reference" implementation's inconsistent ones (`augment.distill_sampler`).
         augment: the augmentation of fresh views without a store (supervised training).
         fresh_seed: seed of fresh views, which come from their own streams (purpose "fresh" with a store, "train"
             without), so they never repeat the teacher pass's views whatever the seeds.
@@ -116,7 +118,7 @@ class ViewsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         store: str | None = None,
-        consistent: bool = True,
+        views: str = "replay",
         augment: AugmentConfig | None = None,
         fresh_seed: int = 1,
     ) -> None:
@@ -130,17 +132,16 @@ class ViewsDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.store = store
-        self.consistent = consistent
+        self.views = views
         self.augment = augment
         self.fresh_seed = fresh_seed
+        self.sampler = self._sampler()  # refuses a bad `views` before training starts
         self.train_set: ViewDataset | None = None
 
     def _sampler(self) -> ViewSampler | None:
         if self.store is None:
             return ViewSampler(self.augment, self.fresh_seed, purpose="train")
-        if self.consistent:
-            return None
-        return ViewSampler(TeacherStore(self.store).spec.augment, self.fresh_seed, purpose="fresh")
+        return distill_sampler(self.views, TeacherStore(self.store).spec.augment, self.fresh_seed)
 
     def setup(self, stage: str) -> None:
         self.rank, self.world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -149,7 +150,7 @@ class ViewsDataModule(pl.LightningDataModule):
             raise ValueError(f"validation shards {self.val_shards} hold no labels: mAP needs labelled clips")
         if stage != "fit":
             return
-        self.train_set = ViewDataset(self.train_shards, store=self.store, sampler=self._sampler(), shuffle=True,
+        self.train_set = ViewDataset(self.train_shards, store=self.store, sampler=self.sampler, shuffle=True,
                                      seed=self.seed)
         collate = collate_supervised if self.store is None else collate_distill
         self.train_batches = EqualBatches(self.train_set, self.batch_size, self.rank, self.world_size, collate)

@@ -1,8 +1,9 @@
 """Stage `distill`: a label-free student trained on the teacher store.
 
-Epoch e reads view `e mod V` of every clip with its stored augmentation (replay) and the teachers' top-k of that very
-view; `distill.consistent=false` draws fresh views against the same targets (the paper's ablation). Exports
-`distill.out_dir/student.ckpt`; an export whose fingerprint matches this run's inputs is reused.
+Epoch e reads view `e mod V` of every clip with its stored augmentation (`distill.views=replay`) and the teachers'
+top-k of that very view; `fresh` draws fresh views against the same targets (the paper's ablation), `reference` the
+reference implementation's (no shift, fresh masks, stored mixup). Exports `distill.out_dir/student.ckpt`; an export
+whose fingerprint matches this run's inputs is reused.
 """
 
 from __future__ import annotations
@@ -72,14 +73,14 @@ def run(cfg: DictConfig) -> dict:
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         store=str(store_path),
-        consistent=stage.consistent,
+        views=stage.views,
         fresh_seed=stage.fresh_seed,
     )
     work_dir = out_path.parent / "student"
     resume_from = resolve_resume(stage.resume, work_dir / "checkpoints", stage.overwrite, "distill")
     trainer = build_trainer(cfg, stage.trainer, work_dir, run_name=f"{cfg.name}-distill")
     log.info("distill: %s on %d clips x %d views of %s (%s)", stage.model.name, train_manifest.num_samples,
-             spec.num_views, store_path, "replayed views" if stage.consistent else "fresh views, stored targets")
+             spec.num_views, store_path, f"distill.views={stage.views}, stored targets")
     summary = fit_and_export(trainer, module, datamodule, out_path, student_fingerprint, resume_from)
-    return {**summary, "store": str(store_path), "consistent": stage.consistent, "init": str(init) if init else None,
+    return {**summary, "store": str(store_path), "views": stage.views, "init": str(init) if init else None,
             "reused": False}
