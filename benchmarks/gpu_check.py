@@ -58,7 +58,7 @@ from ced_train.models import create_model, load_checkpoint
 from ced_train.rendering import ViewRenderer, collate_views
 from ced_train.stages import evaluate as evaluate_stage
 from ced_train.stages.teach import teacher_pass
-from ced_train.teachers import CEDTeacher, TeacherEnsemble
+from ced_train.teachers import TaggerTeacher, TeacherEnsemble
 from ced_train.views import ViewDataset
 from data_prep.audioset import AudioIndex, read_segments
 from data_prep.sharding import available_cpus, build_shards
@@ -290,7 +290,7 @@ def environment(args) -> dict:
 
 def run_teach(args, report: Report, shards: Path, store: Path, clips: int) -> None:
     torch.manual_seed(0)
-    ensemble = TeacherEnsemble([CEDTeacher(create_model(name)) for name in args.teachers])
+    ensemble = TeacherEnsemble([TaggerTeacher(create_model(name)) for name in args.teachers])
     summary = teacher_pass(shards, store, ensemble, AugmentConfig(), seed=0, num_views=VIEWS, top_k=TOP_K,
                            batch_size=args.teach_batch, num_workers=args.workers, precision="bf16",
                            device=str(args.device), progress=False)

@@ -36,7 +36,7 @@ from ced_train.labels import load_class_labels
 from ced_train.lightning.data import EqualBatches, collate_distill
 from ced_train.models import create_model
 from ced_train.stages.teach import teacher_pass
-from ced_train.teachers import CEDTeacher, TeacherEnsemble
+from ced_train.teachers import TaggerTeacher, TeacherEnsemble
 from ced_train.views import ViewDataset
 from data_prep.audioset import AudioIndex, read_segments
 from data_prep.sharding import SourceRow, build_shards
@@ -94,7 +94,7 @@ def main() -> None:
         manifests = {codec: read_manifest(path) for codec, path in shards.items()}
         assert len({m.fingerprint for m in manifests.values()}) == 1
         store = root / "store.h5"
-        ensemble = TeacherEnsemble([CEDTeacher(create_model("ced_test")) for _ in range(2)])
+        ensemble = TeacherEnsemble([TaggerTeacher(create_model("ced_test")) for _ in range(2)])
         teacher_pass(shards["flac"], store, ensemble, augment, seed=0, num_views=2, batch_size=32, progress=False)
 
         clips = manifests["flac"].num_samples

@@ -33,7 +33,7 @@ from ced_train.lightning.module import TaggerModule
 from ced_train.lightning.schedules import warmup_cosine
 from ced_train.models import create_model
 from ced_train.stages.teach import teacher_pass
-from ced_train.teachers import CEDTeacher, TeacherEnsemble
+from ced_train.teachers import TaggerTeacher, TeacherEnsemble
 from data_prep.audioset import AudioIndex, read_segments
 from data_prep.sharding import build_shards
 from data_prep.synthetic import generate
@@ -116,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards = make_data(root, args.clips)
-        ensemble = TeacherEnsemble([CEDTeacher(create_model(name)) for name in args.teachers])
+        ensemble = TeacherEnsemble([TaggerTeacher(create_model(name)) for name in args.teachers])
         store = root / "store.h5"
         teacher_pass(shards, store, ensemble, augment, seed=0, num_views=2, top_k=TOP_K, batch_size=16,
                      progress=False)

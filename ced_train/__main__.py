@@ -117,7 +117,8 @@ def _init_checkpoint_input(cfg: DictConfig, stage: str) -> list[tuple[str, Calla
 def stage_outputs(cfg: DictConfig, stage: str) -> list[str]:
     """Files and directories `stage` writes (everything below a directory counts as written)."""
     outputs = {
-        "prepare": lambda: [split.out for split in cfg.prepare.splits.values()] + (
+        "prepare": lambda: [split.out for split in cfg.prepare.splits.values()] + [
+            split.holdout.out for split in cfg.prepare.splits.values() if split.get("holdout")] + (
             [cfg.prepare.synthetic.out] if cfg.prepare.synthetic is not None else []),
         "train": lambda: [cfg.train.out_dir],
         "teach": lambda: [cfg.store.path],

@@ -1,8 +1,9 @@
 """The teacher ensemble of the teacher pass: any models that map a log-mel input to class logits, averaged.
 
 A teacher is anything with `num_classes` and `__call__(mel_db (batch, 64, frames) float32 dB) -> (batch, classes)
-logits` (the `Teacher` protocol): CED checkpoints are wrapped by `CEDTeacher`; another architecture needs only a
-small wrapper that returns its pre-sigmoid outputs (or `torch.logit` of its probabilities).
+logits` (the `Teacher` protocol): checkpoints of any registered model (CED, or a timm CNN on the same front end, as
+the file describes it) are wrapped by `TaggerTeacher`, and an ensemble may mix them; another architecture needs only
+a small wrapper that returns its pre-sigmoid outputs (or `torch.logit` of its probabilities).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ class Teacher(Protocol):
     def __call__(self, mel_db: torch.Tensor) -> torch.Tensor: ...
 
 
-class CEDTeacher(nn.Module):
-    """A CED model as a teacher: `forward_spectrogram` with the head's raw logits (pooling "logit").
+class TaggerTeacher(nn.Module):
+    """A model of this project (`CEDModel`, `CNNTagger`) as a teacher: `forward_spectrogram` with the head's raw
+    logits (pooling "logit").
 
     Args:
-        model: a `CEDModel`; its pooling is switched to "logit" (the released models' probabilities are the sigmoid
-            of exactly these logits).
+        model: its pooling is switched to "logit" (the released models' probabilities are the sigmoid of exactly
+            these logits).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -112,7 +114,8 @@ def describe_checkpoint(path: str | Path) -> dict:
 def load_ensemble(
     checkpoints: Sequence[str | Path], averaging: str = "probs", name: str | None = None
 ) -> TeacherEnsemble:
-    """Load CED checkpoints (official files, bare state dicts or this project's) as an ensemble in eval mode.
+    """Load teacher checkpoints (official CED files, bare state dicts, or this project's exports of any registered
+    model) as an ensemble in eval mode.
 
     Args:
         checkpoints: teacher checkpoint files, in ensemble order.
@@ -126,7 +129,7 @@ def load_ensemble(
 
     if not checkpoints:
         raise ValueError("teachers.checkpoints is empty: list at least one teacher checkpoint")
-    teachers = [CEDTeacher(load_checkpoint(path)) for path in checkpoints]
+    teachers = [TaggerTeacher(load_checkpoint(path)) for path in checkpoints]
     sources = [describe_checkpoint(path) for path in checkpoints]
     name = name or "+".join(Path(path).stem for path in checkpoints)
     return TeacherEnsemble(teachers, averaging, sources, name).eval()

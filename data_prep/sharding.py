@@ -3,6 +3,10 @@
 Shared by `data_prep.audioset` and `data_prep.folder`, which only turn their inputs into `SourceRow`s (clips to
 decode) and `Skip`s (rows already known to be unusable), in input order.
 
+Held-out split (`--holdout FRACTION --holdout-out DIR`): rows are assigned by a hash of their group (the YouTube id
+in AudioSet mode, so segments of one video stay together; else the key), which keeps every row's side fixed when
+rows are added; rows known to be unusable stay with the main output, whose skip report accounts for them.
+
 Resuming: the plan (which row goes to which shard, in which order) depends only on the inputs and settings, and has an
 id. Each finished shard gets a record under `.progress/` and is then renamed into place; a re-run with the same plan id
 keeps shards that have a record and a file of the recorded size, and redoes the rest. The manifest is written last,
@@ -255,8 +259,10 @@ def build_shards(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    split: dict | None = None,
 ) -> ShardingReport:
-    """Write `inputs` (one entry per input row, in input order) as a shard directory; see the module docstring."""
+    """Write `inputs` (one entry per input row, in input order) as a shard directory; see the module docstring.
+    `split` describes which side of a held-out split this is (recorded in the plan and the manifest)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out_dir = Path(out_dir)
@@ -274,6 +280,8 @@ def build_shards(
                 "samples_per_shard": samples_per_shard, "labelled": labelled}
     if codec != "flac":
         settings["codec"] = codec
+    if split:
+        settings["split"] = split
     plan_id = _plan_id(plan, known_skips, classes, settings)
     if _prepare_out_dir(out_dir, plan_id, overwrite):
         return _report_from_manifest(out_dir, workers)
@@ -307,7 +315,7 @@ def build_shards(
         "num_rows": len(inputs), "num_written": sum(info["num_samples"] for info in shard_infos),
         "skipped_by_reason": dict(Counter(skip.reason for skip in skips).most_common()),
         "total_hours": sum(info["duration_s"] for info in shard_infos) / 3600, "class_counts": class_counts,
-        "plan_id": plan_id,
+        "plan_id": plan_id, **({"split": split} if split else {}),
         "fingerprint": compute_fingerprint(classes.mids, [(i["name"], i["content_sha256"]) for i in shard_infos]),
         "shards": shard_infos,
     })
@@ -369,18 +377,51 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output directory that holds other shards or a partial run of other inputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="fraction of the clips written to --holdout-out instead (a validation split), chosen by a "
+                             "hash of the YouTube id or key (default 0: none)")
+    parser.add_argument("--holdout-out", type=Path, default=None, help="output directory of the held-out clips")
+
+
+def holdout_fraction_of(row: SourceRow) -> float:
+    """A row's fixed position in [0, 1) for held-out splits: 64 bits of blake2b over its group (YouTube id or key)."""
+    group = str(row.extra.get("ytid", row.key))
+    digest = hashlib.blake2b(group.encode(), digest_size=8, person=b"ced-holdout").digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def split_holdout(inputs: Sequence[SourceRow | Skip], fraction: float) -> tuple[list, list]:
+    """`inputs` → (main: rows not held out and every `Skip`, held out: rows whose `holdout_fraction_of` < fraction)."""
+    held = [isinstance(item, SourceRow) and holdout_fraction_of(item) < fraction for item in inputs]
+    return ([item for item, h in zip(inputs, held) if not h], [item for item, h in zip(inputs, held) if h])
 
 
 def run_cli(inputs: Sequence[SourceRow | Skip], classes: ClassLabels, args: argparse.Namespace, *, tool: str,
             labelled: bool) -> int:
-    """Shared tail of the data_prep CLIs: build, print the accounting, map refusals to exit code 2."""
-    try:
-        report = build_shards(inputs, args.out, classes, tool=tool, labelled=labelled,
-                              samples_per_shard=args.samples_per_shard, codec=args.codec, workers=args.workers,
-                              seed=args.seed,
-                              overwrite=args.overwrite, progress=not args.no_progress)
-    except ShardingError as error:
-        print(f"{tool}: error: {error}", file=sys.stderr)
+    """Shared tail of the data_prep CLIs: split off the held-out clips, build, print the accounting, map refusals to
+    exit code 2."""
+    if not 0.0 <= args.holdout < 1.0 or (args.holdout > 0) != (args.holdout_out is not None):
+        print(f"{tool}: error: --holdout must lie in [0, 1) and comes with --holdout-out (found {args.holdout}, "
+              f"{args.holdout_out})", file=sys.stderr)
         return 2
-    print(format_report(report))
+    parts = [(args.out, inputs, None)]
+    if args.holdout > 0:
+        main, held = split_holdout(inputs, args.holdout)
+        if not held:
+            print(f"{tool}: error: --holdout {args.holdout} of {len(inputs)} rows selects none", file=sys.stderr)
+            return 2
+        parts = [(args.out, main, {"fraction": args.holdout, "part": "rest", "other": str(args.holdout_out)}),
+                 (args.holdout_out, held, {"fraction": args.holdout, "part": "held out", "other": str(args.out)})]
+    for out, part_inputs, split in parts:
+        try:
+            report = build_shards(part_inputs, out, classes, tool=tool, labelled=labelled,
+                                  samples_per_shard=args.samples_per_shard, codec=args.codec, workers=args.workers,
+                                  seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress, split=split)
+        except ShardingError as error:
+            print(f"{tool}: error: {error}", file=sys.stderr)
+            return 2
+        if split:
+            print(f"{out}: {split['part']} ({len(part_inputs)} of {len(inputs)} rows; held-out fraction "
+                  f"{split['fraction']})")
+        print(format_report(report))
     return 0

@@ -1,11 +1,19 @@
-"""CED model family: registry, shapes, per-clip independence, chunking and checkpoint loading."""
+"""The model registry (CED transformers and timm CNNs on the same front end): shapes, per-clip independence, chunking
+and checkpoint loading, self-described checkpoints of any registered model included."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ced_train.models import CheckpointError, create_model, list_models, load_checkpoint, variant_dims
+from ced_train.models import (
+    CheckpointError,
+    create_model,
+    describe_model,
+    list_models,
+    load_checkpoint,
+    variant_dims,
+)
 from ced_train.models.checkpoint import resize_pos_embed
 from ced_train.models.frontend import LogMelFrontEnd, num_frames
 
@@ -31,9 +39,13 @@ def test_published_variants_have_the_paper_parameter_counts(name):
     assert variant_dims(name)["depth"] == 12
 
 
+# The open-ended CNN entry needs its timm trunk named.
+BUILD_KWARGS = {"cnn": {"arch": "resnet10t"}}
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_variant_maps_waveforms_to_class_probabilities(name):
-    model = create_model(name, num_classes=10).eval()
+    model = create_model(name, num_classes=10, **BUILD_KWARGS.get(name, {})).eval()
     with torch.no_grad():
         probs = model(waveform(1.0, batch=2))
     assert probs.shape == (2, 10)
@@ -183,3 +195,41 @@ def test_positional_tables_of_another_length_are_resized(tmp_path, test_model):
     torch.testing.assert_close(loaded.time_pos_embed, state["time_pos_embed"][..., :63])
     shorter = resize_pos_embed(torch.randn(1, 8, 1, 30), 63, -1)
     assert shorter.shape == (1, 8, 1, 63)
+
+
+def export_file(path, model, name) -> None:
+    """The layout of this project's exports (`lightning.fit.export_model`): description + inference weights."""
+    torch.save({"ced_model": {**describe_model(model, name), "state_dict": model.state_dict()}}, path)
+
+
+@pytest.mark.parametrize("name, kwargs", [("mobilenetv3_small", {}), ("cnn", {"arch": "resnet10t"})])
+def test_a_cnn_checkpoint_describes_its_trunk_and_loads_with_the_same_outputs(tmp_path, name, kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, pooling="logit", **kwargs).eval()
+    with torch.no_grad():  # BatchNorm statistics away from their initial values, as after training
+        model.init_bn[1].running_mean.uniform_(-60, -20)
+    export_file(tmp_path / "cnn.ckpt", model, name)
+    loaded = load_checkpoint(tmp_path / "cnn.ckpt")
+    assert type(loaded) is type(model) and loaded.arch == model.arch and loaded.num_classes == 7
+    x = waveform(2.0, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_a_cnn_clip_output_does_not_depend_on_its_batch_mates_or_length_limits():
+    model = create_model("mobilenetv3_small", num_classes=5).eval()
+    quiet, loud = waveform(3.0, seed=1, gain=1e-4), waveform(3.0, seed=2, gain=10.0)
+    with torch.no_grad():
+        alone = model(quiet)
+        together = model(torch.cat([quiet, loud]))[:1]
+        short = model(waveform(0.05))  # 6 frames: padded to the trunk's stride, not rejected
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    assert short.shape == (1, 5)
+
+
+def test_a_checkpoint_describing_an_unknown_trunk_is_one_clear_error(tmp_path):
+    model = create_model("mobilenetv3_small", num_classes=3)
+    torch.save({"ced_model": {**describe_model(model, "cnn"), "arch": "no_such_net",
+                              "state_dict": model.state_dict()}}, tmp_path / "odd.ckpt")
+    with pytest.raises(CheckpointError, match=r"odd.ckpt: cannot build the model it describes.*no_such_net"):
+        load_checkpoint(tmp_path / "odd.ckpt")

@@ -1,7 +1,7 @@
 """Fit a `TaggerModule`, then export the weights to use for inference as one self-describing file, and reuse such a
 file when it was made from the same inputs (its fingerprint).
 
-An exported model is `{"ced_model": {"name", "num_classes", "pooling", "state_dict"}, "ced_provenance": {...}}`:
+An exported model is `{"ced_model": {**describe_model(...), "state_dict"}, "ced_provenance": {...}}`:
 `ced_train.models.load_checkpoint` reads it like any checkpoint; `ced_provenance` holds the fingerprint, the
 averaged checkpoints and the best validation score.
 """
@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from ced_train.lightning.callbacks import AverageBestCheckpoints
 from ced_train.lightning.module import TaggerModule
+from ced_train.models import describe_model
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
@@ -85,9 +86,7 @@ def export_model(path: Path, module: TaggerModule, provenance: dict) -> None:
     """Write the module's network (the weights to use for inference) and `provenance` to `path`, atomically."""
     payload = {
         "ced_model": {
-            "name": module.model_name,
-            "num_classes": module.model.num_classes,
-            "pooling": module.model.pooling,
+            **describe_model(module.model, module.model_name),
             "state_dict": {key: value.detach().cpu() for key, value in module.model.state_dict().items()},
         },
         "ced_provenance": provenance,
@@ -125,6 +124,7 @@ def fit_and_export(
         "checkpoint": str(out_path),
         "best_val_mAP": float(best) if best is not None else None,
         "averaged_checkpoints": [{"path": path, "val_mAP": score} for path, score in averaged],
+        "val_history": module.val_history,
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "train_seconds": time.perf_counter() - start,

@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from ced_train.data import ClipBatch
 from ced_train.lightning.batches import DistillBatch, SupervisedBatch
 from ced_train.metrics import tagging_metrics
-from ced_train.models import CEDModel
+from ced_train.models import CEDModel, describe_model
 from ced_train.rendering import ViewRenderer
 
 MONITOR = "val/mAP"
@@ -114,6 +114,8 @@ class TaggerModule(pl.LightningModule):
         self._train_forward: Callable[[torch.Tensor], torch.Tensor] = model.forward_spectrogram
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        # `{"epoch", "step", "mAP"}` of every validation run of the fit, kept in checkpoints so resumed runs keep it.
+        self.val_history: list[dict] = []
 
     def setup(self, stage: str) -> None:
         # After the callbacks' setup, so that weight-averaging copies of the module hold no compiled function.
@@ -151,6 +153,8 @@ class TaggerModule(pl.LightningModule):
         self.log("val/mAUC", metrics.mAUC, sync_dist=True)
         self.log("val/d_prime", metrics.d_prime, sync_dist=True)
         self.log("val/clips", float(metrics.num_clips), sync_dist=True)  # mAP depends on which clips were scored
+        if not self.trainer.sanity_checking:
+            self.val_history.append({"epoch": self.current_epoch, "step": self.global_step, "mAP": metrics.mAP})
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
@@ -176,8 +180,8 @@ class TaggerModule(pl.LightningModule):
         return min(steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ced_model"] = {
-            "name": self.model_name,
-            "num_classes": self.model.num_classes,
-            "pooling": self.model.pooling,
-        }
+        checkpoint["ced_model"] = describe_model(self.model, self.model_name)
+        checkpoint["ced_val_history"] = list(self.val_history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.val_history = list(checkpoint.get("ced_val_history", []))

@@ -1,4 +1,5 @@
-"""CED audio transformers: `create_model(name, **kwargs)` and `load_checkpoint(path)`.
+"""Taggers (CED audio transformers, timm CNNs on the same front end): `create_model(name, **kwargs)` and
+`load_checkpoint(path)`.
 
 The names below load their module on first use (as `ced_train.data` does for its stream): the model needs timm,
 about 2.5 s to import, while `ced_train.augment` and the store tools only need the front end's grid constants from
@@ -10,6 +11,8 @@ from importlib import import_module
 _MODULE_OF = {
     "CEDModel": "ced",
     "CheckpointError": "checkpoint",
+    "CNNTagger": "cnn",
+    "describe_model": "checkpoint",
     "InitSummary": "checkpoint",
     "init_from_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
@@ -17,6 +20,7 @@ _MODULE_OF = {
     "read_checkpoint": "checkpoint",
     "LogMelFrontEnd": "frontend",
     "create_model": "registry",
+    "is_ced": "registry",
     "list_models": "registry",
     "register_variant": "registry",
     "variant_dims": "registry",

@@ -2,8 +2,9 @@
 the torchaudio front-end buffers of the official code) and this project's Lightning checkpoints.
 
 This project's Lightning checkpoints hold the network under the `model.` prefix of `state_dict` and describe it in
-`checkpoint["ced_model"] = {"name", "num_classes", "pooling"}`, optionally with inference weights (averaged or EMA) in
-`checkpoint["ced_model"]["state_dict"]`.
+`checkpoint["ced_model"] = {"name", "num_classes", "pooling", **build_kwargs}` (`describe_model`; a CNN's `arch`),
+optionally with inference weights (averaged or EMA) in `checkpoint["ced_model"]["state_dict"]`. Any registered model
+(CED or a timm CNN) loads from such a file; official files and bare state dicts are CED.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ced_train.models.ced import CEDModel
-from ced_train.models.registry import create_model, list_models, variant_dims
+from ced_train.models.registry import create_model, is_ced, list_models, variant_dims
 
 # Buffers of torchaudio's MelSpectrogram inside the official `front_end` Sequential: recomputed here, so dropped.
 _FRONT_END_PREFIX = "front_end."
@@ -31,11 +31,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the offending keys or tensors."""
 
 
+def describe_model(model: nn.Module, name: str) -> dict:
+    """What a checkpoint records to rebuild `model`, registered as `name`: `{"name", "num_classes", "pooling"}` and
+    the model's `build_kwargs` (a CNN's `arch`)."""
+    return {"name": name, "num_classes": model.num_classes, "pooling": model.pooling,
+            **getattr(model, "build_kwargs", {})}
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read `path` → (network state dict with official names, model description).
 
-    The description holds what the file says about the network (`name`, `num_classes`, `pooling`), empty for
-    official files and bare state dicts.
+    The description holds what the file says about the network (`describe_model`), empty for official files and
+    bare state dicts.
     """
     path = Path(path)
     if not path.is_file():
@@ -77,7 +84,7 @@ def infer_model_name(state_dict: dict[str, torch.Tensor], source: str = "state d
     except KeyError:
         raise CheckpointError(f"{source}: no 'patch_embed.proj.weight': not a CED checkpoint") from None
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    for name in list_models():
+    for name in filter(is_ced, list_models()):
         dims = variant_dims(name)
         if (dims["embed_dim"], dims["depth"]) == (embed_dim, depth):
             return name
@@ -102,7 +109,7 @@ def _resize_pos_tables(state_dict: dict[str, torch.Tensor], own: dict[str, torch
     return state_dict
 
 
-def load_weights(model: CEDModel, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> CEDModel:
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> nn.Module:
     """Load `state_dict` (official names) into `model` strictly, resizing positional tables of another length.
 
     Raises:
@@ -126,21 +133,26 @@ def load_weights(model: CEDModel, state_dict: dict[str, torch.Tensor], source: s
     return model
 
 
-def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwargs) -> CEDModel:
-    """Build and load a CED model from a checkpoint file, in eval mode.
+def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwargs) -> nn.Module:
+    """Build and load a model from a checkpoint file, in eval mode.
 
     Args:
-        path: official `.pt`, bare state dict or Lightning `.ckpt` of this project.
-        model_name: registered variant; inferred from the file when None.
+        path: official `.pt`, bare state dict, or an export or Lightning `.ckpt` of this project (any registered
+            model, as the file describes it).
+        model_name: registered variant; from the file's description, else inferred from a CED state dict.
         model_kwargs: overrides such as `pooling`; `num_classes` defaults to the head in the file.
     """
     state_dict, description = read_checkpoint(path)
-    name = model_name or description.get("name") or infer_model_name(state_dict, str(path))
+    name = model_name or description.pop("name", None) or infer_model_name(state_dict, str(path))
     head = state_dict.get("outputlayer.1.weight")
-    kwargs = {"pooling": description.get("pooling", "mean")}
+    description.pop("num_classes", None)
+    kwargs = {**description, "pooling": description.get("pooling", "mean")}
     if head is not None:
         kwargs["num_classes"] = head.shape[0]
-    model = create_model(name, **{**kwargs, **model_kwargs})
+    try:
+        model = create_model(name, **{**kwargs, **model_kwargs})
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot build the model it describes ({error})") from None
     return load_weights(model, state_dict, str(path)).eval()
 
 
@@ -166,7 +178,7 @@ class InitSummary:
                 f"skipped {len(self.skipped)} [{names(self.skipped)}]")
 
 
-def init_from_checkpoint(model: CEDModel, path: str | Path) -> InitSummary:
+def init_from_checkpoint(model: nn.Module, path: str | Path) -> InitSummary:
     """Initialise `model` from any checkpoint `read_checkpoint` reads (official, MAE, bare, this project's).
 
     Backbone tensors are matched by name and must agree in shape (positional tables are resized as the official

@@ -1,5 +1,7 @@
 """Stage `prepare`: raw data → shard directories, through the data_prep tools (which reuse a finished output of
-equal inputs and settings, and say so). For the demo it first writes the synthetic AudioSet-format dataset.
+equal inputs and settings, and say so). For the demo it first writes the synthetic AudioSet-format dataset. A split
+may hold out a fraction of its clips as another shard directory (`holdout: {name, fraction, out}`): the validation
+split of datasets that come with only a training and an evaluation list.
 
 Runs in the process of global rank 0 only: preparing data is a single job, not a distributed one.
 """
@@ -50,14 +52,17 @@ def run(cfg: DictConfig) -> dict:
                 "--seed", str(cfg.seed), "--no-progress"]
         if stage.class_labels:
             argv += ["--class-labels", str(stage.class_labels)]
+        holdout = source.get("holdout")
+        if holdout:
+            argv += ["--holdout", str(holdout.fraction), "--holdout-out", str(holdout.out)]
         _call("data_prep.audioset", audioset.main, argv)
-        manifest = read_manifest(source.out)
-        shards[split] = {
-            "path": str(Path(source.out)),
-            "fingerprint": manifest.fingerprint,
-            "clips": manifest.num_samples,
-            "shards": len(manifest.shards),
-            "hours": manifest.total_hours,
-            "skipped": manifest.skipped_by_reason,
-        }
+        shards[split] = _summary(source.out)
+        if holdout:
+            shards[holdout.name] = _summary(holdout.out)
     return {"shards": shards}
+
+
+def _summary(out: str) -> dict:
+    manifest = read_manifest(out)
+    return {"path": str(Path(out)), "fingerprint": manifest.fingerprint, "clips": manifest.num_samples,
+            "shards": len(manifest.shards), "hours": manifest.total_hours, "skipped": manifest.skipped_by_reason}
