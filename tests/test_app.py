@@ -93,7 +93,7 @@ def test_command_line_override_beats_recipe(tmp_path):
                    f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
     assert cfg.distill.views == "fresh"
     assert cfg.distill.model.name == "ced_mini"
-    assert cfg.train.model.name == "ced_test"  # the recipe's teachers are untouched
+    assert cfg.train.model.name == "mobilenetv3_small"  # the recipe's teachers are untouched
 
 
 def test_bare_command_explains_how_to_pick_a_recipe(tmp_path):
