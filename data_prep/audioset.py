@@ -1,11 +1,13 @@
 """AudioSet segment CSVs + a directory of downloaded clips → webdataset shards.
 
     python -m data_prep.audioset --segments balanced_train_segments.csv --audio-dir DIR \\
-        --class-labels class_labels_indices.csv --out shards/balanced_train [--samples-per-shard N] [--workers N]
+        [--class-labels class_labels_indices.csv] --out shards/balanced_train [--samples-per-shard N] [--workers N]
 
 Every CSV row ends up either in a shard or in `skipped.tsv` with a reason. The audio files are taken to hold the
 segment already (as every public AudioSet download does); nothing is cut. Sample keys are `<YTID>_<start in ms>`
-(`--PJHxphWEs_30000`), because a dot in `YTID_30.000` would end the key for webdataset.
+(`--PJHxphWEs_30000`), because a dot in `YTID_30.000` would end the key for webdataset. Without --class-labels the
+classes are those of the `class_labels_indices.csv` beside the first segment CSV, where AudioSet's download puts it
+and a directory of your own labelled audio may hold your classes, else those of the shipped 527-class file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ced_train.labels import ClassLabels, default_label_file, load_class_labels
 from data_prep.sharding import DUPLICATE, MALFORMED, MISSING, UNKNOWN_LABEL, SourceRow, add_output_arguments, run_cli
 
 TOOL = "data_prep.audioset"
+LABEL_FILE_NAME = "class_labels_indices.csv"
 YTID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 # Among files of one clip in several formats, prefer lossless, then what soundfile reads, then what needs ffmpeg.
 _EXTENSION_RANK = {ext: rank for rank, ext in enumerate(
@@ -126,6 +129,13 @@ def read_segments(csv_paths: Sequence[Path], audio: AudioIndex, classes: ClassLa
     return entries
 
 
+def default_class_labels(segments: Sequence[Path]) -> Path:
+    """The label file of an AudioSet-format directory: `class_labels_indices.csv` beside the first segment CSV when
+    there is one, else the shipped 527-class file."""
+    beside = Path(segments[0]).parent / LABEL_FILE_NAME
+    return beside if beside.is_file() else default_label_file()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--segments", type=Path, nargs="+", required=True,
@@ -133,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--audio-dir", type=Path, required=True,
                         help="directory searched recursively for YTID_start.ext, YTID_start_end.ext or YTID.ext")
     parser.add_argument("--class-labels", type=Path, default=None,
-                        help=f"class_labels_indices.csv (default: the shipped 527-class file {default_label_file()})")
+                        help=f"class_labels_indices.csv (default: the {LABEL_FILE_NAME} beside the first --segments "
+                             f"file, else the shipped 527-class file {default_label_file()})")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     for path in args.segments:
@@ -141,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--segments: no such file {path}")
     if not args.audio_dir.is_dir():
         parser.error(f"--audio-dir: no such directory {args.audio_dir}")
-    classes = load_class_labels(args.class_labels)
+    label_file = args.class_labels or default_class_labels(args.segments)
+    classes = load_class_labels(label_file)
+    print(f"class labels: {label_file} ({len(classes)} classes)")
     audio = AudioIndex(args.audio_dir)
     inputs = read_segments(args.segments, audio, classes)
     return run_cli(inputs, classes, args, tool=TOOL, labelled=True)

@@ -65,4 +65,5 @@ def run(cfg: DictConfig) -> dict:
 def _summary(out: str) -> dict:
     manifest = read_manifest(out)
     return {"path": str(Path(out)), "fingerprint": manifest.fingerprint, "clips": manifest.num_samples,
-            "shards": len(manifest.shards), "hours": manifest.total_hours, "skipped": manifest.skipped_by_reason}
+            "classes": manifest.num_classes, "shards": len(manifest.shards), "hours": manifest.total_hours,
+            "skipped": manifest.skipped_by_reason}

@@ -57,7 +57,8 @@ def run(cfg: DictConfig) -> dict:
         augment=augment,
         seed=teach.seed,
         num_views=teach.views,
-        top_k=teach.top_k,
+        # A label file of your own may hold fewer classes than top_k: then every class is kept.
+        top_k=min(teach.top_k, ensemble.num_classes),
         batch_size=teach.batch_size,
         num_workers=teach.num_workers,
         precision=teach.precision,
