@@ -48,8 +48,8 @@ def documented_sweep(launcher: str | None) -> list[str]:
 
 
 def demo_shards(root: Path) -> None:
-    """Labelled shards where tiny_distill's train stage reads the demo's (data/shards/synthetic/{train,eval})."""
-    for split in ("train", "eval"):
+    """Labelled shards where tiny_distill's train stage reads the demo's (data/shards/synthetic/{train,val,eval})."""
+    for split in ("train", "val", "eval"):
         make_shards(root / "data" / "shards" / "synthetic" / split, [2.0] * 8, samples_per_shard=4)
 
 
@@ -76,7 +76,7 @@ def check_seed_jobs(root: Path, result: subprocess.CompletedProcess) -> None:
         [member] = results["results"]["train"]["members"]
         assert member["checkpoint"] == str(job_dir / "train" / "member0.ckpt") and member["reused"] is False
         members.append(member)
-        weights.append(load_checkpoint(member["checkpoint"]).patch_embed.proj.weight)
+        weights.append(torch.cat([p.flatten() for p in load_checkpoint(member["checkpoint"]).parameters()]))
     assert members[0]["fingerprint"] != members[1]["fingerprint"]  # the seed is part of the training's identity
     assert not torch.equal(weights[0], weights[1])
 
