@@ -49,7 +49,8 @@ ABOVE_PRIOR = 0.30
 
 
 def run_app(root: Path, *overrides: str) -> dict:
-    env = {**os.environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
+    env = {key: value for key, value in os.environ.items() if key not in ("CED_DATA_DIR", "CED_RUNS_DIR")}
+    env.update(CED_ROOT=str(root), WANDB_SILENT="true")
     result = subprocess.run([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", *SMALL, *overrides],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
