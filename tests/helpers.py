@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import soundfile
 
 from ced_train.audio import SAMPLE_RATE
+
+# The environment variables the project's configuration reads (configs/paths/default.yaml).
+ENV_VARS = ("AUDIOSET_DIR", "CED_CHECKPOINTS_DIR", "CED_DATA_DIR", "CED_RUNS_DIR", "CED_ROOT")
+
+
+def app_env(root: Path) -> dict[str, str]:
+    """The caller's environment without the project's variables, rooted at `root`, wandb silent: for running
+    `python -m ced_train` in a subprocess whose paths all lie below `root`."""
+    environ = {key: value for key, value in os.environ.items() if key not in ENV_VARS}
+    return {**environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
 
 
 def make_shards(out_dir: Path, durations_s: list[float], samples_per_shard: int, seed: int = 0) -> Path:

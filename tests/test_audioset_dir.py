@@ -7,7 +7,6 @@ paths.audioset_dir stops the run at once."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,10 +19,10 @@ from ced_train.data import read_manifest
 from ced_train.labels import NUM_AUDIOSET_CLASSES, load_class_labels
 from data_prep import synthetic
 from data_prep.audioset import LABEL_FILE_NAME, default_class_labels
+from helpers import ENV_VARS, app_env
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "tiny_distill_audioset"
-ENV_VARS = ("AUDIOSET_DIR", "CED_CHECKPOINTS_DIR", "CED_DATA_DIR", "CED_RUNS_DIR", "CED_ROOT")
 # tests/test_e2e.py's shrinking, for a directory instead of the synthetic generator and cut to one epoch of each
 # training stage (the run's cost is mostly fixed per model); a quarter held out so that the 32-row list leaves
 # validation clips.
@@ -51,15 +50,10 @@ def own_dir(tmp_path_factory) -> Path:
     return root
 
 
-def clean_env(root: Path) -> dict[str, str]:
-    environ = {key: value for key, value in os.environ.items() if key not in ENV_VARS}
-    return {**environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
-
-
 def test_own_directory_is_distilled_under_its_own_name_with_its_own_classes(own_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ced_train", f"+recipe={RECIPE}", "~local", f"paths.audioset_dir={own_dir}", *SHRINK],
-        cwd=REPO, env=clean_env(tmp_path), capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=app_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     results_path = Path(result.stdout.strip().splitlines()[-1].removeprefix("results: "))
     assert results_path.parent.parent == tmp_path / "runs" / RECIPE
@@ -144,7 +138,7 @@ def test_outputs_are_kept_apart_from_the_demo_the_audioset_recipes_and_another_d
 
 def test_unset_audioset_dir_stops_before_any_stage_naming_the_option_and_variable(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ced_train", f"+recipe={RECIPE}", "~local"], cwd=REPO,
-                            env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+                            env=app_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: missing inputs:") and "Traceback" not in result.stdout + result.stderr
     assert "stage prepare reads prepare.splits.train.segments[0] = None/balanced_train_segments.csv" in result.stderr

@@ -11,7 +11,6 @@ class's prevalence: `prior_map` computes it from the eval labels, and every lear
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from ced_train.data import iter_shard, read_manifest
+from helpers import app_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -49,10 +49,8 @@ ABOVE_PRIOR = 0.30
 
 
 def run_app(root: Path, *overrides: str) -> dict:
-    env = {key: value for key, value in os.environ.items() if key not in ("CED_DATA_DIR", "CED_RUNS_DIR")}
-    env.update(CED_ROOT=str(root), WANDB_SILENT="true")
-    result = subprocess.run([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", *SMALL, *overrides],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", "~local", *SMALL, *overrides],
+                            cwd=REPO, env=app_env(root), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(Path(result.stdout.strip().splitlines()[-1].removeprefix("results: ")).read_text())
 
@@ -102,8 +100,12 @@ def scores(results: dict) -> dict[str, float]:
 def test_the_broken_store_is_accepted_and_differs_only_in_its_targets(runs):
     from ced_train.store import TeacherStore
 
-    real, broken = TeacherStore(runs["real"]["results"]["teach"]["store"]), TeacherStore(runs["root"] / "permuted.h5")
-    assert broken.spec == real.spec
+    real_path, broken_path = Path(runs["real"]["results"]["teach"]["store"]), runs["root"] / "permuted.h5"
+    assert TeacherStore(broken_path).spec == TeacherStore(real_path).spec
+    with h5py.File(real_path, "r") as real, h5py.File(broken_path, "r") as broken:
+        for name in ("keys", "shard_names", "shard_offsets", "view_params"):
+            assert np.array_equal(broken[name][...], real[name][...]), name
+        assert not np.array_equal(broken["topk_indices"][...], real["topk_indices"][...])
     assert runs["broken"]["results"]["distill"]["reused"] is False
     assert (runs["order"] != np.arange(len(runs["order"]))).all()
 
