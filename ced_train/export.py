@@ -1,15 +1,22 @@
-"""Export a CED checkpoint to ONNX: waveform → probabilities, with dynamic batch and time axes.
+"""Export a CED checkpoint: to ONNX (waveform → probabilities, dynamic batch and time axes; optionally int8) or to
+the Hugging Face layout (`config.json` + `model.safetensors`, the names of `mispeech/ced-*`).
 
-    python -m ced_train.export --checkpoint PATH --out model.onnx [--opset 18]
+    python -m ced_train.export --checkpoint PATH --out model.onnx [--quantize int8] [--opset 18]
+    python -m ced_train.export --checkpoint PATH --format hf --out DIR [--labels FILE_OR_SHARD_DIR]
 
-The graph takes `waveform (batch, samples)` float32 at 16 kHz and returns `probs (batch, classes)`; inputs longer than
-the positional table are chunked inside the graph exactly as in torch.
+The ONNX graph takes `waveform (batch, samples)` float32 at 16 kHz and returns `probs (batch, classes)`; inputs longer
+than the positional table are chunked inside the graph exactly as in torch. `--quantize int8` applies ONNX Runtime's
+dynamic quantisation (int8 weights, activations quantised per batch at run time) to the transformer's and head's
+weight matrices; the front end (STFT and mel filterbank, whose power values span 12 orders of magnitude) and the
+attention products stay float32. An HF directory gets `id2label` from `--labels` (a label file or the shard directory
+the model was trained on), else from the checkpoint's own names, else AudioSet's for 527 outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,10 +25,14 @@ from ced_train.audio import SAMPLE_RATE
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
 
 MAX_SECONDS = 3600
+QUANTIZE = ("none", "int8")
 
 
-def export_onnx(model: CEDModel, out: str | Path, opset: int = 18) -> Path:
-    """Write `model` (eval mode, probabilities) to `out` via the dynamo exporter; returns the path written."""
+def export_onnx(model: CEDModel, out: str | Path, opset: int = 18, quantize: str = "none") -> Path:
+    """Write `model` (eval mode, probabilities) to `out` via the dynamo exporter, int8-quantised when `quantize` is
+    "int8"; returns the path written."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -31,33 +42,73 @@ def export_onnx(model: CEDModel, out: str | Path, opset: int = 18) -> Path:
         0: torch.export.Dim("batch", min=1, max=4096),
         1: torch.export.Dim("samples", min=model.front_end.n_fft, max=MAX_SECONDS * SAMPLE_RATE),
     }
-    torch.onnx.export(
-        model,
-        (example,),
-        str(out),
-        dynamo=True,
-        opset_version=opset,
-        input_names=["waveform"],
-        output_names=["probs"],
-        dynamic_shapes={"waveform": dynamic},
-        verbose=False,
-    )
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        fp32 = out if quantize == "none" else Path(tmp) / "fp32.onnx"
+        torch.onnx.export(model, (example,), str(fp32), dynamo=True, opset_version=opset, input_names=["waveform"],
+                          output_names=["probs"], dynamic_shapes={"waveform": dynamic}, verbose=False)
+        if quantize == "int8":
+            quantize_int8(fp32, out)
     return out
+
+
+def quantize_int8(fp32: Path, out: Path) -> None:
+    """ONNX Runtime dynamic int8 quantisation of the MatMul/Gemm nodes whose weight is a stored tensor other than
+    the front end's mel filterbank (`export` docstring)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    excluded = [node.name for node in graph.node if node.op_type in ("MatMul", "Gemm")
+                and (not set(node.input[1:2]) & weights or node.input[1].startswith("front_end."))]
+    quantize_dynamic(fp32, out, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
+                     weight_type=QuantType.QInt8, per_channel=True)
+
+
+def hf_class_names(model: CEDModel, labels: str | None, checkpoint: str) -> list[str]:
+    """`id2label` names for `export --format hf` (module docstring)."""
+    from ced_train.tag import known_class_names
+
+    names = known_class_names(model.num_classes, labels, checkpoint)
+    if names is None:
+        raise ValueError(f"the model has {model.num_classes} outputs and no names: pass --labels (the label file or "
+                         "the shard directory it was trained on)")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ced_train.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="official CED .pt, state dict or ced-train .ckpt")
-    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument("--checkpoint", required=True,
+                        help="official CED .pt, state dict, HF-layout directory or ced-train .ckpt")
+    parser.add_argument("--out", required=True, help="ONNX file (--format onnx) or directory (--format hf) to write")
+    parser.add_argument("--format", choices=("onnx", "hf"), default="onnx")
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none", help="ONNX only: int8 dynamic quantisation")
+    parser.add_argument("--labels", default=None, help="HF only: label file or shard directory for id2label")
     parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="fully unpickle a checkpoint the safe loader refuses (runs code in it: trusted files only)")
     args = parser.parse_args(argv)
+    if args.format == "hf" and args.quantize != "none":
+        parser.error("--quantize applies to --format onnx only")
     try:
-        model = load_checkpoint(args.checkpoint, pooling="mean")
-    except CheckpointError as error:
+        model = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, pooling="mean")
+        if not isinstance(model, CEDModel):
+            raise CheckpointError(f"{args.checkpoint}: export writes CED transformers, this is a "
+                                  f"{type(model).__name__}")
+        names = hf_class_names(model, args.labels, args.checkpoint) if args.format == "hf" else None
+    except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    path = export_onnx(model, args.out, args.opset)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): waveform (batch, samples) @16 kHz -> probs (batch, {model.num_classes})")
+    if args.format == "hf":
+        from ced_train.models.hf import write_hf
+
+        out = write_hf(model, args.out, names)
+        print(f"wrote {out}/config.json and {out}/model.safetensors (HF layout, {model.num_classes} classes)")
+        return 0
+    path = export_onnx(model, args.out, args.opset, args.quantize)
+    kind = "int8" if args.quantize == "int8" else "fp32"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {kind}): waveform (batch, samples) @16 kHz -> "
+          f"probs (batch, {model.num_classes})")
     return 0
 
 

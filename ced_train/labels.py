@@ -53,3 +53,14 @@ def load_class_labels(path: str | Path | None = None) -> ClassLabels:
         mids.append(mid)
         names.append(name)
     return ClassLabels(tuple(mids), tuple(names), {mid: i for i, mid in enumerate(mids)})
+
+
+def display_names(path: str | Path) -> list[str]:
+    """Display names in output order from a label file, or from a shard directory (its `manifest.json` class table:
+    the classes a model trained on those shards outputs)."""
+    path = Path(path)
+    if path.is_dir():
+        from ced_train.data.manifest import read_manifest
+
+        return list(read_manifest(path, check_files=False).class_names)
+    return list(load_class_labels(path).names)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from ced_train.audio import SAMPLE_RATE, AudioDecodeError, load_audio
-from ced_train.labels import load_class_labels
+from ced_train.labels import NUM_AUDIOSET_CLASSES, display_names, load_class_labels
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
+from ced_train.models.checkpoint import checkpoint_class_names
 
 
 def tag_waveform(model: CEDModel, waveform: torch.Tensor, chunk_samples: int) -> torch.Tensor:
@@ -30,22 +31,33 @@ def tag_waveform(model: CEDModel, waveform: torch.Tensor, chunk_samples: int) ->
 
 
 def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[dict]:
-    """`(classes,)` probabilities → the `k` most probable as `{"index", "label", "probability"}`, descending."""
+    """`(classes,)` probabilities → the `k` most probable as `{"index", "label", "probability"}`, descending; each
+    probability is the model's float32 value (as a Python float, so JSON keeps every digit)."""
     values, indices = probs.topk(min(k, probs.numel()))
     return [
-        {"index": int(i), "label": names[i], "probability": round(float(v), 4)}
+        {"index": int(i), "label": names[i], "probability": float(v)}
         for v, i in zip(values.tolist(), indices.tolist())
     ]
 
 
-def class_names(num_classes: int, label_file: str | None) -> list[str]:
-    """Display names for the model's outputs: the given label file, AudioSet's for 527 outputs, else `class_<i>`."""
-    if label_file is not None or num_classes == 527:
-        names = list(load_class_labels(label_file).names)
-        if len(names) != num_classes:
-            raise ValueError(f"label file {label_file} has {len(names)} classes, the model outputs {num_classes}")
-        return names
-    return [f"class_{i}" for i in range(num_classes)]
+def known_class_names(num_classes: int, label_file: str | None, checkpoint: str | None = None) -> list[str] | None:
+    """Display names for the model's outputs: the given label file or shard directory, else the checkpoint's own
+    (an HF layout's `id2label`), else AudioSet's for 527 outputs, else None."""
+    if label_file is not None:
+        names = display_names(label_file)
+    else:
+        names = (checkpoint_class_names(checkpoint) if checkpoint is not None else None) or (
+            list(load_class_labels().names) if num_classes == NUM_AUDIOSET_CLASSES else None)
+        if names is None:
+            return None
+    if len(names) != num_classes:
+        raise ValueError(f"labels {label_file or checkpoint} hold {len(names)} classes, the model outputs {num_classes}")
+    return names
+
+
+def class_names(num_classes: int, label_file: str | None, checkpoint: str | None = None) -> list[str]:
+    """`known_class_names`, else `class_<i>`."""
+    return known_class_names(num_classes, label_file, checkpoint) or [f"class_{i}" for i in range(num_classes)]
 
 
 def tag_file(model: CEDModel, path: str, names: list[str], top_k: int, chunk_seconds: float) -> dict:
@@ -78,10 +90,14 @@ def format_result(result: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ced_train.tag", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", metavar="FILE", help="audio files to tag")
-    parser.add_argument("--checkpoint", required=True, help="official CED .pt, state dict or ced-train .ckpt")
+    parser.add_argument("--checkpoint", required=True,
+                        help="official CED .pt, state dict, HF-layout directory or ced-train .ckpt")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="fully unpickle a checkpoint the safe loader refuses (runs code in it: trusted files only)")
     parser.add_argument("--top-k", type=int, default=5, help="classes printed per chunk (default 5)")
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length in seconds (default 10)")
-    parser.add_argument("--labels", default=None, help="label file (index,mid,display_name); default AudioSet")
+    parser.add_argument("--labels", default=None, help="label file (index,mid,display_name) or shard directory; "
+                        "default: the checkpoint's own names, AudioSet's for 527 outputs")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     args = parser.parse_args(argv)
     if args.top_k < 1:
@@ -95,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         # Trained checkpoints record pooling "logit" (raw logits for the loss); tagging reports probabilities.
-        model = load_checkpoint(args.checkpoint, pooling="mean")
-        names = class_names(model.num_classes, args.labels)
+        model = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, pooling="mean")
+        names = class_names(model.num_classes, args.labels, args.checkpoint)
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: checkpoint {args.checkpoint}: {error}", file=sys.stderr)
         return 2

@@ -102,17 +102,23 @@ class _Wrapped(nn.Module):
 
 
 def describe_checkpoint(path: str | Path) -> dict:
-    """`{"file": name, "sha256": hex, "bytes": size}` of a checkpoint file, as recorded in the store."""
+    """`{"file": name, "sha256": hex, "bytes": size}` of a checkpoint file, as recorded in the store; for an HF-layout
+    directory, of its `config.json` and weights file read in that order, named by the directory."""
+    from ced_train.models.hf import hf_directory, hf_files
+
     path = Path(path)
+    directory = hf_directory(path)
+    files = hf_files(directory) if directory is not None else [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return {"file": path.name, "sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    for file in files:
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return {"file": (directory or path).name, "sha256": digest.hexdigest(), "bytes": sum(f.stat().st_size for f in files)}
 
 
 def load_ensemble(
-    checkpoints: Sequence[str | Path], averaging: str = "probs", name: str | None = None
+    checkpoints: Sequence[str | Path], averaging: str = "probs", name: str | None = None, trust: bool = False
 ) -> TeacherEnsemble:
     """Load teacher checkpoints (official CED files, bare state dicts, or this project's exports of any registered
     model) as an ensemble in eval mode.
@@ -121,6 +127,7 @@ def load_ensemble(
         checkpoints: teacher checkpoint files, in ensemble order.
         averaging: "probs" (default) or "logits".
         name: a label for the ensemble (used in store paths); default: the checkpoint stems joined by "+".
+        trust: allow full unpickling of files the safe loader refuses (`load_checkpoint`).
 
     Raises:
         CheckpointError: a file cannot be loaded. ValueError: the teachers have different numbers of classes.
@@ -129,7 +136,7 @@ def load_ensemble(
 
     if not checkpoints:
         raise ValueError("teachers.checkpoints is empty: list at least one teacher checkpoint")
-    teachers = [TaggerTeacher(load_checkpoint(path)) for path in checkpoints]
+    teachers = [TaggerTeacher(load_checkpoint(path, trust=trust)) for path in checkpoints]
     sources = [describe_checkpoint(path) for path in checkpoints]
     name = name or "+".join(Path(path).stem for path in checkpoints)
     return TeacherEnsemble(teachers, averaging, sources, name).eval()

@@ -25,7 +25,8 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, torch.Tensor]:
     totals: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}
     for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        # This run's own checkpoints: plain tensors and containers, so the safe loader reads them.
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         weights = {key[len(_PREFIX) :]: value for key, value in state.items() if key.startswith(_PREFIX)}
         if not first:
             first = weights

@@ -1,5 +1,10 @@
 """Loading CED weights from the official Zenodo files (`{'model': state_dict}`), bare state dicts (with or without
-the torchaudio front-end buffers of the official code) and this project's Lightning checkpoints.
+the torchaudio front-end buffers of the official code), the Hugging Face layout (`models/hf.py`) and this project's
+Lightning checkpoints.
+
+Files are unpickled with torch's safe loader only (`weights_only=True`, plus the numpy scalar types of `SAFE_GLOBALS`):
+a file that needs anything else is refused with one line naming it and the objects it holds, unless the caller
+passes `trust=True` (the CLIs' `--trust-checkpoint`, the stages' `trust_checkpoints=true`).
 
 This project's Lightning checkpoints hold the network under the `model.` prefix of `state_dict` and describe it in
 `checkpoint["ced_model"] = {"name", "num_classes", "pooling", **build_kwargs}` (`describe_model`; a CNN's `arch`),
@@ -10,12 +15,15 @@ optionally with inference weights (averaged or EMA) in `checkpoint["ced_model"][
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from ced_train.models.hf import HFLayoutError, hf_directory, read_hf
 from ced_train.models.registry import create_model, is_ced, list_models, variant_dims
 
 # Buffers of torchaudio's MelSpectrogram inside the official `front_end` Sequential: recomputed here, so dropped.
@@ -25,6 +33,11 @@ _LIGHTNING_PREFIX = "model."
 _HEAD_PREFIX = "outputlayer."
 
 log = logging.getLogger(__name__)
+
+# Beyond torch's own allow-list: numpy scalars and dtypes, which training scripts store with metrics and settings.
+SAFE_GLOBALS = [np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType, np.dtypes.Int64DType,
+                np.dtypes.Int32DType, np.dtypes.BoolDType,
+                (np._core if hasattr(np, "_core") else np.core).multiarray.scalar]
 
 
 class CheckpointError(ValueError):
@@ -38,23 +51,24 @@ def describe_model(model: nn.Module, name: str) -> dict:
             **getattr(model, "build_kwargs", {})}
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read `path` → (network state dict with official names, model description).
 
-    The description holds what the file says about the network (`describe_model`), empty for official files and
-    bare state dicts.
+    The description holds what the file says about the network (`describe_model`; an HF `config.json`), empty for
+    official files and bare state dicts. `trust=True` allows full unpickling (arbitrary code) of a file the safe
+    loader refuses.
     """
+    directory = hf_directory(path)
+    if directory is not None:
+        try:
+            state_dict, description, _ = read_hf(directory)
+        except HFLayoutError as error:
+            raise CheckpointError(str(error)) from None
+        return state_dict, description
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning checkpoints pickle hyper-parameters; the file is a local path the user chose.
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise CheckpointError(
-                f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
+    payload = _unpickle(path, trust)
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(payload).__name__}")
     description = dict(payload.get("ced_model") or {})
@@ -75,6 +89,37 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         raise CheckpointError(f"{path}: no state dict found (keys: {sorted(payload)[:10]})")
     return state_dict, description
+
+
+def _unpickle(path: Path, trust: bool) -> object:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError:
+        if trust:
+            raise
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        unsafe = sorted(set(unsafe) - {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS})
+        held = f"it holds {', '.join(unsafe[:5])}" if unsafe else "it needs full unpickling"
+        raise CheckpointError(
+            f"{path}: refused: {held}, which loading would execute as code; pass --trust-checkpoint "
+            "(stages: trust_checkpoints=true) only for a file from a source you trust") from None
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
+
+
+def checkpoint_class_names(path: str | Path) -> list[str] | None:
+    """The display names a checkpoint carries (an HF layout's `id2label`), or None."""
+    directory = hf_directory(path)
+    if directory is None:
+        return None
+    try:
+        return read_hf(directory)[2]
+    except HFLayoutError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def infer_model_name(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> str:
@@ -133,16 +178,18 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     return model
 
 
-def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwargs) -> nn.Module:
-    """Build and load a model from a checkpoint file, in eval mode.
+def load_checkpoint(path: str | Path, model_name: str | None = None, trust: bool = False,
+                    **model_kwargs) -> nn.Module:
+    """Build and load a model from a checkpoint, in eval mode.
 
     Args:
-        path: official `.pt`, bare state dict, or an export or Lightning `.ckpt` of this project (any registered
-            model, as the file describes it).
+        path: official `.pt`, bare state dict, HF-layout directory (or its weights file), or an export or Lightning
+            `.ckpt` of this project (any registered model, as the file describes it).
+        trust: allow full unpickling of a file the safe loader refuses (`read_checkpoint`).
         model_name: registered variant; from the file's description, else inferred from a CED state dict.
         model_kwargs: overrides such as `pooling`; `num_classes` defaults to the head in the file.
     """
-    state_dict, description = read_checkpoint(path)
+    state_dict, description = read_checkpoint(path, trust)
     name = model_name or description.pop("name", None) or infer_model_name(state_dict, str(path))
     head = state_dict.get("outputlayer.1.weight")
     description.pop("num_classes", None)
@@ -178,7 +225,7 @@ class InitSummary:
                 f"skipped {len(self.skipped)} [{names(self.skipped)}]")
 
 
-def init_from_checkpoint(model: nn.Module, path: str | Path) -> InitSummary:
+def init_from_checkpoint(model: nn.Module, path: str | Path, trust: bool = False) -> InitSummary:
     """Initialise `model` from any checkpoint `read_checkpoint` reads (official, MAE, bare, this project's).
 
     Backbone tensors are matched by name and must agree in shape (positional tables are resized as the official
@@ -188,7 +235,7 @@ def init_from_checkpoint(model: nn.Module, path: str | Path) -> InitSummary:
     Raises:
         CheckpointError: a backbone tensor of another shape (another model size), or no backbone tensor matched.
     """
-    state_dict, _ = read_checkpoint(path)
+    state_dict, _ = read_checkpoint(path, trust)
     source = str(path)
     own = model.state_dict()
     skipped = sorted(key for key in state_dict if key.startswith(_FRONT_END_PREFIX) or key not in own)

@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
 
     pl.seed_everything(cfg.seed, workers=True)
     model = instantiate(stage.model, num_classes=spec.num_classes)
-    init = init_from_checkpoint(model, stage.init_checkpoint) if stage.init_checkpoint else None
+    init = init_from_checkpoint(model, stage.init_checkpoint, cfg.trust_checkpoints) if stage.init_checkpoint else None
     module = TaggerModule(
         model,
         model_name=stage.model.name,

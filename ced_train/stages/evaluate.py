@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
                           "cpu" if stage.device == "auto" else stage.device)
     dtype = autocast_dtype("evaluate.precision", stage.precision, device)
     checkpoints = sorted({path for paths in systems.values() for path in paths})
-    models = {path: load_checkpoint(path).to(device) for path in checkpoints}
+    models = {path: load_checkpoint(path, trust=cfg.trust_checkpoints).to(device) for path in checkpoints}
     for path, model in models.items():
         if model.num_classes != manifest.num_classes:
             raise ValueError(f"{path} has {model.num_classes} outputs, evaluate.shards={stage.shards} "
