@@ -5,7 +5,8 @@ the Hugging Face layout (`config.json` + `model.safetensors`, the names of `misp
     python -m ced_train.export --checkpoint PATH --format hf --out DIR [--labels FILE_OR_SHARD_DIR]
 
 The ONNX graph takes `waveform (batch, samples)` float32 at 16 kHz and returns `probs (batch, classes)`; inputs longer
-than the positional table are chunked inside the graph exactly as in torch. `--quantize int8` applies ONNX Runtime's
+than the positional table are chunked inside the graph exactly as in torch; the STFT is a convolution with the
+windowed DFT basis (ONNX Runtime's own STFT kernel is slow). `--quantize int8` applies ONNX Runtime's
 dynamic quantisation (int8 weights, activations quantised per batch at run time) to the transformer's and head's
 weight matrices; the front end (STFT and mel filterbank, whose power values span 12 orders of magnitude) and the
 attention products stay float32. An HF directory gets `id2label` from `--labels` (a label file or the shard directory
@@ -15,6 +16,7 @@ the model was trained on), else from the checkpoint's own names, else AudioSet's
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -28,14 +30,16 @@ MAX_SECONDS = 3600
 QUANTIZE = ("none", "int8")
 
 
-def export_onnx(model: CEDModel, out: str | Path, opset: int = 18, quantize: str = "none") -> Path:
-    """Write `model` (eval mode, probabilities) to `out` via the dynamo exporter, int8-quantised when `quantize` is
-    "int8"; returns the path written."""
+def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = 18, quantize: str = "none") -> Path:
+    """Write `model` (waveform → probabilities, with a `LogMelFrontEnd` as `model.front_end`; a CED or CNN tagger) to
+    `out` via the dynamo exporter, int8-quantised when `quantize` is "int8"; returns the path written. The graph's
+    STFT is a convolution (`LogMelFrontEnd.stft_as_convolution`); `model` itself is left unchanged."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    model = copy.deepcopy(model).eval()
+    model.front_end.stft_as_convolution()
     # Batch 2 in the example: a batch of 1 would be specialised to a constant by torch.export.
     example = torch.zeros(2, 3 * SAMPLE_RATE)
     dynamic = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -13,6 +14,9 @@ import torch
 from ced_train import export, tag
 from ced_train.labels import load_class_labels
 from ced_train.models import create_model
+from tests.fixtures.reference_weights import PARITY_CLIPS, make_waveform
+
+DEMO_STUDENT = Path(__file__).parent / "fixtures" / "demo_student"
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +116,31 @@ def test_onnx_export_matches_torch_on_several_lengths(tmp_path, checkpoint, caps
         (probs,) = session.run(None, {"waveform": waveform.numpy()})
         with torch.no_grad():
             np.testing.assert_allclose(probs, model(waveform).numpy(), rtol=0, atol=1e-5)
+
+
+def test_int8_export_of_the_trained_demo_student_drifts_at_most_a_hundredth(tmp_path, capsys):
+    """The demo's distilled CED-Tiny (tests/fixtures/demo_student, HF layout, fp16 weights): every transformer and
+    head weight matrix becomes int8, the front end stays float32, and probabilities move measurably but by at most
+    0.01 against the fp32 graph."""
+    import onnx
+
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    assert export.main(["--checkpoint", str(DEMO_STUDENT), "--out", str(fp32)]) == 0
+    assert export.main(["--checkpoint", str(DEMO_STUDENT), "--out", str(int8), "--quantize", "int8"]) == 0
+    assert "int8" in capsys.readouterr().out
+    graph = onnx.load(str(int8)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulInteger") == 12 * 4 + 1  # qkv, proj, fc1, fc2 per block and the head
+    assert "STFT" not in ops
+    mel = [node for node in graph.node if node.op_type == "MatMul" and "front_end.mel_fb" in node.input]
+    assert len(mel) == 1  # the filterbank product stays float32
+    fp32_bytes = sum(path.stat().st_size for path in tmp_path.glob("fp32.onnx*"))
+    assert int8.stat().st_size < 0.4 * fp32_bytes
+    sessions = [onnxruntime.InferenceSession(str(path)) for path in (fp32, int8)]
+    t = np.arange(160000) / 16000
+    clips = [make_waveform(*PARITY_CLIPS[name]) for name in ("1s", "4s", "10s", "23.7s")]
+    clips += [(0.3 * np.sin(2 * np.pi * f * t) + 0.01 * np.sin(2 * np.pi * 37 * t)).astype(np.float32)
+              for f in (220, 1000, 4000)]
+    drift = max(np.abs(np.subtract(*(s.run(None, {"waveform": clip[None]})[0] for s in sessions))).max()
+                for clip in clips)
+    assert 1e-5 < drift <= 0.01
