@@ -6,8 +6,9 @@ ONNX Runtime fp32 and ONNX Runtime int8 (`python -m ced_train.export --quantize 
 Both models take the waveform and include the same log-mel front end (ced-train's, with the STFT as a convolution in
 the ONNX graphs); MobileNetV3-Large is timm's `mobilenetv3_large_100` with one input channel and 527 outputs. Latency
 does not depend on the weights; the int8 drift does, so pass a trained CED-Tiny (the demo's student:
-runs/artifacts/tiny_distill/student/student.ckpt) to measure it on one. Prints median latencies, the ratios the
-deployment targets are stated in, and the maximum |int8 − fp32| probability on 16 noise and tone clips.
+runs/artifacts/tiny_distill/student/student.ckpt, or tests/fixtures/demo_student) to measure it on one. Prints median
+latencies, the ratios the deployment targets are stated in, and CED-Tiny's maximum |int8 − fp32| probability on 16
+noise and tone clips.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main() -> None:
     waveform = torch.randn(1, 160000) * 0.1
     clips = drift_clips()
     latency: dict[tuple[str, str], float] = {}
-    drift: dict[str, float] = {}
+    drift = 0.0
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name, model in models.items():
             model.eval()
@@ -93,7 +94,8 @@ def main() -> None:
                 feed = {"waveform": waveform.numpy()}
                 latency[name, f"onnx {kind}"] = median_ms(lambda s=session, f=feed: s.run(None, f), args.repeats)
                 outputs[kind] = np.concatenate([session.run(None, {"waveform": clip[None]})[0] for clip in clips])
-            drift[name] = float(np.abs(outputs["int8"] - outputs["fp32"]).max())
+            if name == "ced_tiny":  # MobileNetV3's random weights say nothing about its drift
+                drift = float(np.abs(outputs["int8"] - outputs["fp32"]).max())
 
     runtimes = ("eager fp32", "onnx fp32", "onnx int8")
     print(f"CPU latency, one 10 s clip, batch 1, {args.threads} threads, median of {args.repeats} "
@@ -108,8 +110,7 @@ def main() -> None:
           f"{latency['ced_tiny', fastest] / latency['mobilenetv3_large', 'eager fp32']:.2f}x (target <= 0.75)")
     print(f"worst shared-runtime ratio ced_tiny / mobilenetv3_large: "
           f"{max(latency['ced_tiny', r] / latency['mobilenetv3_large', r] for r in runtimes):.2f}x (target <= 1.3)")
-    for name, value in drift.items():
-        print(f"max |int8 - fp32| probability, {name}, {len(clips)} clips: {value:.5f} (target <= 0.01)")
+    print(f"max |int8 - fp32| probability, ced_tiny, {len(clips)} clips: {drift:.5f} (target <= 0.01)")
 
 
 if __name__ == "__main__":

@@ -308,3 +308,14 @@ def test_every_command_in_recipes_doc_composes_and_sweeps_set_what_they_sweep(tm
         assert all(a != b for a, b in itertools.combinations(composed, 2)), f"sweep jobs compose alike: {overrides}"
         for name in environment:
             env.delenv(name)
+
+
+@pytest.mark.parametrize("recipe", ["tiny_distill", "audioset_tiny_full"])
+def test_optimiser_settings_are_plain_containers_so_checkpoints_load_safely(recipe, tmp_path, env):
+    """AdamW keeps `betas` as given (torch 2.6 stores a ListConfig in the optimiser state, which the safe unpickler
+    refuses when the checkpoints are averaged)."""
+    cfg = compose_recipe(recipe, tmp_path)
+    for stage in ("train", "distill"):
+        factory = instantiate(cfg[stage].optim.optimizer)
+        assert not any(isinstance(value, (ListConfig, DictConfig)) for value in factory.keywords.values())
+        assert factory.keywords["betas"] == [0.9, 0.999]
