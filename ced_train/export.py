@@ -61,11 +61,16 @@ def quantize_int8(fp32: Path, out: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    excluded = [node.name for node in graph.node if node.op_type in ("MatMul", "Gemm")
+    model = onnx.load(str(fp32))
+    # Intermediate shapes are re-inferred by the quantiser; some exporter releases record ones that onnx's shape
+    # inference then contradicts (the head's Gemm under torch 2.11).
+    del model.graph.value_info[:]
+    weights = {init.name for init in model.graph.initializer}
+    excluded = [node.name for node in model.graph.node if node.op_type in ("MatMul", "Gemm")
                 and (not set(node.input[1:2]) & weights or node.input[1].startswith("front_end."))]
-    quantize_dynamic(fp32, out, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
+    plain = fp32.with_name("plain.onnx")
+    onnx.save(model, str(plain))
+    quantize_dynamic(plain, out, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
                      weight_type=QuantType.QInt8, per_channel=True)
 
 
