@@ -6,6 +6,19 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ENV_VARS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_project_variables():
+    """Every test and fixture, and every process they start, runs without the caller's AUDIOSET_DIR and CED_* paths
+    (session-wide, so before any module fixture composes a config): a test that needs one sets it itself. App runs
+    in tests also pass `~local`, so a developer's configs/local is ignored."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ENV_VARS:
+            patch.delenv(name, raising=False)
+        yield
+
 
 @pytest.fixture(scope="session")
 def synthetic_audioset(tmp_path_factory) -> Path:

@@ -21,6 +21,25 @@ def app_env(root: Path) -> dict[str, str]:
     return {**environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
 
 
+def spawn_bounded(fn, args: tuple, nprocs: int, timeout_s: float = 180.0) -> None:
+    """`torch.multiprocessing.spawn(fn, args, nprocs)` that cannot hang: processes still running after `timeout_s`
+    are killed and the call raises TimeoutError (a worker's exception is re-raised as spawn does)."""
+    import time
+
+    import torch
+
+    context = torch.multiprocessing.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)}: {nprocs} spawned processes still running after "
+                               f"{timeout_s:.0f} s: killed")
+
+
 def make_shards(out_dir: Path, durations_s: list[float], samples_per_shard: int, seed: int = 0) -> Path:
     """Write one clip per duration (noise bursts, clip `i` labelled with class `i`) as a shard directory through
     data_prep's writer; return it. A duration of 0 writes an empty WAV, which data_prep skips as `empty`."""

@@ -39,7 +39,7 @@ def test_recipes_dir_holds_the_demo_and_eight_audioset_recipes():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_and_its_parts_instantiate(recipe, tmp_path, no_audioset_env):
-    cfg = compose([f"+recipe={recipe}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
+    cfg = compose(["~local", f"+recipe={recipe}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
     assert cfg.name == recipe
     assert cfg.stages and set(cfg.stages) <= set(STAGES)
     # Resolving everything but the paths a missing environment leaves null must work.
@@ -54,7 +54,7 @@ def test_recipe_composes_and_its_parts_instantiate(recipe, tmp_path, no_audioset
 
 @pytest.mark.parametrize("recipe", ["audioset_tiny_balanced", "audioset_base_full"])
 def test_audioset_recipe_without_paths_fails_naming_options_and_env_vars(recipe, tmp_path, no_audioset_env):
-    cfg = compose([f"+recipe={recipe}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
+    cfg = compose(["~local", f"+recipe={recipe}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
     with pytest.raises(MissingInputError) as error:
         check_inputs(cfg)
     message = str(error.value)
@@ -74,7 +74,7 @@ def test_audioset_recipe_with_paths_set_names_only_what_is_still_missing(tmp_pat
     checkpoints.mkdir()
     monkeypatch.setenv("AUDIOSET_DIR", str(audioset))
     monkeypatch.setenv("CED_CHECKPOINTS_DIR", str(checkpoints))
-    cfg = compose(["+recipe=audioset_tiny_balanced", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/r"])
+    cfg = compose(["~local", "+recipe=audioset_tiny_balanced", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/r"])
     with pytest.raises(MissingInputError) as error:
         check_inputs(cfg)
     message = str(error.value)
@@ -85,11 +85,11 @@ def test_audioset_recipe_with_paths_set_names_only_what_is_still_missing(tmp_pat
 
 def test_unknown_recipe_lists_the_available_ones(tmp_path):
     with pytest.raises(Exception, match="tiny_distill"):
-        compose(["+recipe=no_such_recipe", f"paths.root_dir={tmp_path}"])
+        compose(["~local", "+recipe=no_such_recipe", f"paths.root_dir={tmp_path}"])
 
 
 def test_command_line_override_beats_recipe(tmp_path):
-    cfg = compose(["+recipe=tiny_distill", "distill.views=fresh", "model@distill.model=ced_mini",
+    cfg = compose(["~local", "+recipe=tiny_distill", "distill.views=fresh", "model@distill.model=ced_mini",
                    f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
     assert cfg.distill.views == "fresh"
     assert cfg.distill.model.name == "ced_mini"
@@ -98,7 +98,7 @@ def test_command_line_override_beats_recipe(tmp_path):
 
 def test_bare_command_explains_how_to_pick_a_recipe(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "ced_train", f"paths.root_dir={tmp_path}"],
+        [sys.executable, "-m", "ced_train", "~local", f"paths.root_dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "CED_ROOT": str(tmp_path)},
     )
@@ -109,7 +109,7 @@ def test_bare_command_explains_how_to_pick_a_recipe(tmp_path):
 
 
 def test_slurm_launcher_asks_for_one_task_per_gpu_on_every_node(tmp_path):
-    cfg = compose(["+recipe=audioset_small_full", "hydra/launcher=slurm", "trainer.num_nodes=2",
+    cfg = compose(["~local", "+recipe=audioset_small_full", "hydra/launcher=slurm", "trainer.num_nodes=2",
                    f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
@@ -121,7 +121,7 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_on_every_node(tmp_path):
 def app(tmp_path, *overrides, flags=()):
     env = {key: value for key, value in os.environ.items()
            if key not in ("AUDIOSET_DIR", "CED_CHECKPOINTS_DIR", "CED_DATA_DIR", "CED_RUNS_DIR", "LOCAL_RANK", "RANK")}
-    return subprocess.run([sys.executable, "-m", "ced_train", *flags, f"paths.root_dir={tmp_path}",
+    return subprocess.run([sys.executable, "-m", "ced_train", *flags, "~local", f"paths.root_dir={tmp_path}",
                            f"hydra.run.dir={tmp_path}/run", *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env={**env, "CED_ROOT": str(tmp_path)})
 
@@ -165,7 +165,7 @@ def test_lightning_started_processes_are_recognised_from_any_devices_spelling(ov
                                                                             monkeypatch):
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
-    cfg = compose([*overrides, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
+    cfg = compose(["~local", *overrides, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
     assert lightning_starts_processes(cfg) is starts
     monkeypatch.setenv("LOCAL_RANK", "1")  # one of Lightning's own children
     assert lightning_starts_processes(cfg) is False

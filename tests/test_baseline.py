@@ -76,7 +76,7 @@ def evaluate_with_baseline(root, baseline_shards, tmp_path, name):
 
     torch.manual_seed(0)
     torch.save({"model": create_model("ced_test").state_dict()}, tmp_path / "random.pt")
-    cfg = compose([
+    cfg = compose(["~local", 
         "stages=[evaluate]", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/{name}",
         f"evaluate.shards={root / 'eval'}", f"evaluate.baseline_shards={baseline_shards}",
         f"evaluate.checkpoint={tmp_path}/random.pt", "data.eval_batch_size=16",

@@ -49,7 +49,7 @@ def tiny(tmp_path_factory, synthetic_train_shards):
         "distill.optim.scheduler.warmup_steps=2", "callbacks.average_best.num_best=2",
         "trainer=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv",
     ]
-    cfg = compose(["stages=[teach]", *overrides])
+    cfg = compose(["~local", "stages=[teach]", *overrides])
     run_stages(cfg)
     return {"root": root, "overrides": overrides, "store": cfg.store.path, "teachers": teachers,
             "shards": str(synthetic_train_shards)}
@@ -57,7 +57,7 @@ def tiny(tmp_path_factory, synthetic_train_shards):
 
 def distill_cfg(tiny, out_dir, *extra):
     """The distill stage writing to `out_dir`, its CSV logs to `out_dir/logs/<run name>/version_<n>`."""
-    return compose(["stages=[distill]", *tiny["overrides"], f"distill.out_dir={out_dir}",
+    return compose(["~local", "stages=[distill]", *tiny["overrides"], f"distill.out_dir={out_dir}",
                     f"paths.output_dir={out_dir}/logs", *extra])
 
 
@@ -221,7 +221,7 @@ def test_distill_killed_mid_epoch_resumes_to_the_weights_of_the_uninterrupted_ru
     run_stages(distill_cfg(tiny, tmp_path / "straight", *schedule))
     killed = tmp_path / "killed"
     overrides = [o for o in tiny["overrides"] if not o.startswith("paths.output_dir")]
-    command = [sys.executable, "-m", "ced_train", "stages=[distill]", *overrides, *schedule,
+    command = [sys.executable, "-m", "ced_train", "~local", "stages=[distill]", *overrides, *schedule,
                f"distill.out_dir={killed}", f"paths.output_dir={killed}/logs", f"hydra.run.dir={killed}/hydra",
                "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=6"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
@@ -276,7 +276,7 @@ def test_distill_and_evaluate_run_under_bf16_autocast_on_the_cpu(tiny, tmp_path)
     student = tmp_path / "student.ckpt"
     scores = {}
     for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
-        cfg = compose(["stages=[evaluate]", *tiny["overrides"], f"evaluate.checkpoint={student}",
+        cfg = compose(["~local", "stages=[evaluate]", *tiny["overrides"], f"evaluate.checkpoint={student}",
                        f"data.eval_shards={tiny['shards']}", f"evaluate.precision={precision}",
                        f"evaluate.out_dir={tmp_path}/evaluate_{precision}"])
         evaluated = run_stages(cfg)[0]["evaluate"]
@@ -296,7 +296,7 @@ def test_three_process_ddp_teach_distill_evaluate_from_an_official_checkpoint(ti
     held_out = make_shards(tmp_path / "eval", [1.5] * 7, 4)
     run_dir, out_dir, weights_dir = tmp_path / "run", tmp_path / "distill", tmp_path / "weights"
     overrides = [o for o in tiny["overrides"] if not o.startswith(("paths.output_dir", "trainer=", "data."))]
-    command = [sys.executable, "-m", "ced_train", "stages=[teach,distill,evaluate]", *overrides,
+    command = [sys.executable, "-m", "ced_train", "~local", "stages=[teach,distill,evaluate]", *overrides,
                f"data.train_shards={train}", f"data.val_shards={held_out}", f"data.eval_shards={held_out}",
                f"paths.store_dir={tmp_path}/store", "data.batch_size=2", "data.eval_batch_size=2",
                "data.num_workers=2", f"distill.init_checkpoint={tiny['teachers'][0]}", f"distill.out_dir={out_dir}",

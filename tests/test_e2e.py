@@ -24,7 +24,7 @@ SHRINK = [
 def run_demo(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)  # offline must be the configuration's default, not the environment's
-    return subprocess.run([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", *SHRINK], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", "~local", *SHRINK], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

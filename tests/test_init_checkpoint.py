@@ -96,7 +96,7 @@ def test_the_finetune_recipe_trains_a_released_model_on_other_classes_with_a_new
     torch.manual_seed(0)
     released = create_model("ced_test", num_classes=10)
     torch.save({"model": released.state_dict()}, tmp_path / "released.pt")
-    cfg = compose(["+recipe=finetune", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+    cfg = compose(["~local", "+recipe=finetune", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
                    f"train.init_checkpoint={tmp_path}/released.pt", f"data.train_shards={synthetic_train_shards}",
                    f"data.val_shards={synthetic_train_shards}", "model@train.model=ced_test", "data.batch_size=4",
                    "train.trainer.max_epochs=1", "train.optim.scheduler.warmup_steps=2", "trainer=cpu",

@@ -90,7 +90,7 @@ def test_evaluate_scores_official_lightning_and_exported_checkpoints_alike(synth
     export_model(tmp_path / "export.ckpt", TaggerModule(model, "ced_test", LabelBCE(), torch.optim.AdamW), {})
     torch.manual_seed(1)
     torch.save({"model": create_model("ced_test").state_dict()}, tmp_path / "other.pt")
-    cfg = compose([
+    cfg = compose(["~local", 
         "stages=[evaluate]", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
         f"evaluate.shards={synthetic_train_shards}", f"evaluate.checkpoint={tmp_path}/official.pt",
         f"+evaluate.systems.lightning=[{tmp_path}/last.ckpt]", f"+evaluate.systems.export=[{tmp_path}/export.ckpt]",

@@ -32,7 +32,7 @@ from ced_train.store import StoreError, StoreLock, TeacherStore, verify
 from ced_train.teachers import TeacherEnsemble, load_ensemble
 from ced_train.rendering import ViewRenderer
 from ced_train.views import ViewDataset, collate_items
-from helpers import make_shards
+from helpers import make_shards, spawn_bounded
 
 AUGMENT = AugmentConfig(mixup_prob=0.75, mixup_block_clips=2)
 VIEWS = 3
@@ -327,7 +327,7 @@ def _two_rank_worker(rank: int, init_file: str, shards: str, store: str, checkpo
 def test_two_cpu_processes_over_gloo_write_the_same_store_as_one(tiny, tmp_path):
     store = tmp_path / "two_ranks.h5"
     args = (str(tmp_path / "gloo_init"), str(tiny["shards"]), str(store), [str(p) for p in tiny["checkpoints"]])
-    torch.multiprocessing.spawn(_two_rank_worker, args=args, nprocs=2, join=True)
+    spawn_bounded(_two_rank_worker, args, nprocs=2)
     verify(store, tiny["shards"])
     assert_same_store(store, tiny["store"])
     assert not store.with_name(store.name + ".parts").exists()
@@ -481,7 +481,7 @@ def test_a_locked_store_stops_every_rank_of_a_pass_before_it_starts(tiny, tmp_pa
     store = tmp_path / "two_ranks.h5"
     lock = foreign_lock(store)
     args = (str(tmp_path / "gloo_init"), str(tiny["shards"]), str(store), [str(p) for p in tiny["checkpoints"]])
-    torch.multiprocessing.spawn(_locked_rank_worker, args=args, nprocs=2, join=True)
+    spawn_bounded(_locked_rank_worker, args, nprocs=2)
     for rank in range(2):  # rank 1 learns of rank 0's refusal before it writes anything
         assert "host gpu-node-17, pid 4242" in Path(f"{store}.rank{rank}").read_text()
     assert lock.exists() and not store.with_name(store.name + ".parts").exists()
@@ -513,7 +513,7 @@ def launch_teach_ranks(tmp_path, ranks, world_size, shards, checkpoints, store, 
     """Run `python -m ced_train stages=[teach]` (teach.timeout_min=0.2) once per rank in `ranks` of `world_size`,
     torchrun-style (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); → {rank: (exit code, output)}, exit
     code None for a process still running after `wait_s` seconds (then killed)."""
-    overrides = ["stages=[teach]", f"paths.root_dir={tmp_path}", f"data.train_shards={shards}",
+    overrides = ["~local", "stages=[teach]", f"paths.root_dir={tmp_path}", f"data.train_shards={shards}",
                  f"teachers.checkpoints=[{','.join(map(str, checkpoints))}]", "teachers.name=pair", "teach.views=2",
                  "teach.num_workers=0", "teach.progress=false", "teach.timeout_min=0.2",
                  "augment.mixup_block_clips=2", f"store.path={store}"]
@@ -579,6 +579,7 @@ def test_stage_teach_runs_from_the_composed_hydra_config(tiny, tmp_path):
 
     checkpoints = ",".join(str(path) for path in tiny["checkpoints"])
     overrides = [
+        "~local",
         f"paths.root_dir={tmp_path}",
         f"data.train_shards={tiny['shards']}",
         f"teachers.checkpoints=[{checkpoints}]",

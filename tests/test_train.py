@@ -18,7 +18,7 @@ from ced_train.models import create_model, load_checkpoint
 
 
 def train_cfg(shards, out_dir, *extra):
-    return compose([
+    return compose(["~local", 
         "stages=[train]", f"paths.root_dir={out_dir}", f"paths.output_dir={out_dir}/logs", f"train.out_dir={out_dir}",
         f"data.train_shards={shards}", f"data.val_shards={shards}", "data.batch_size=4", "data.eval_batch_size=8",
         "model@train.model=ced_test", "train.augment.clip_samples=32000", "train.trainer.max_epochs=2",
@@ -134,7 +134,7 @@ def test_training_through_the_clip_split_data_path_learns_its_labels_and_beats_s
     scores = {}
     for name, shards in (("true", synthetic_train_shards), ("broken", tmp_path / "broken")):
         out = tmp_path / name
-        cfg = compose([
+        cfg = compose(["~local", 
             "stages=[train,evaluate]", f"paths.root_dir={tmp_path}", f"paths.output_dir={out}/run",
             f"train.out_dir={out}", f"data.train_shards={shards}", f"data.val_shards={synthetic_train_shards}",
             f"data.eval_shards={synthetic_train_shards}", "data.batch_size=4", "data.eval_batch_size=8",
