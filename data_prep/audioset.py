@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import re
 import sys
@@ -100,12 +101,19 @@ def read_segments(csv_paths: Sequence[Path], audio: AudioIndex, classes: ClassLa
             entries.append(Skip(source_row, ytid, MALFORMED,
                                 f"start/end are not numbers: {start_text!r}, {end_text!r}"))
             continue
+        if not (math.isfinite(start_s) and math.isfinite(end_s)):
+            entries.append(Skip(source_row, ytid, MALFORMED, f"start/end must be finite, found {start_text!r}, "
+                                                            f"{end_text!r}"))
+            continue
         if not YTID_PATTERN.match(ytid) or start_s < 0 or end_s <= start_s:
             entries.append(Skip(source_row, ytid, MALFORMED,
                                 f"expected a YouTube id and 0 <= start < end, found {ytid!r}, {start_s}, {end_s}"))
             continue
         key = clip_key(ytid, start_s)
         mids = tuple(m.strip() for m in mid_text.split(",") if m.strip())
+        if not mids:  # AudioSet lists at least one label per segment; an empty field is a broken row, not a negative
+            entries.append(Skip(source_row, key, MALFORMED, "no labels in the positive_labels field"))
+            continue
         unknown = [m for m in mids if m not in classes.index_of_mid]
         if key in seen:
             entries.append(Skip(source_row, key, DUPLICATE, f"same YTID and start as {seen[key]}"))

@@ -16,7 +16,7 @@ from ced_train.audio import SAMPLE_RATE
 from ced_train.data import iter_shard, read_manifest, read_skipped
 from ced_train.labels import load_class_labels
 from data_prep.audioset import AudioIndex, candidate_stems, main, read_segments
-from data_prep.sharding import ShardingError, SourceRow, build_shards
+from data_prep.sharding import MALFORMED, ShardingError, SourceRow, build_shards
 
 CLASSES = load_class_labels()
 HEADER = ("# Segments csv created Sun Mar  5 10:54:31 2017\n"
@@ -274,3 +274,26 @@ def test_csv_with_byte_order_mark_and_crlf_lines_reads_like_plain_csv(tmp_path):
     [windows] = read_segments([tmp_path / "windows.csv"], index, CLASSES)
 
     assert isinstance(windows, SourceRow) and (windows.key, windows.labels) == (plain.key, plain.labels)
+
+
+def test_non_finite_times_and_empty_labels_are_malformed_rows_not_crashes(tmp_path):
+    audio = tmp_path / "audio"
+    for ytid in ("aaaaaaaaaaa", "bbbbbbbbbbb", "ccccccccccc", "ddddddddddd", "eeeeeeeeeee"):
+        write_tone(audio / f"{ytid}.wav")
+    (tmp_path / "seg.csv").write_text(HEADER + "\n".join([
+        'aaaaaaaaaaa, nan, 10.000, "/m/09x0r"',     # 4
+        'bbbbbbbbbbb, 0.000, inf, "/m/09x0r"',      # 5
+        'ccccccccccc, 0.000, nan, "/m/09x0r"',      # 6
+        'ddddddddddd, 0.000, 10.000, ""',           # 7: no label at all
+        'eeeeeeeeeee, 0.000, 10.000, "/m/09x0r"',   # 8: good
+    ]) + "\n")
+    entries = read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES)
+    assert [type(e).__name__ for e in entries] == ["Skip"] * 4 + ["SourceRow"]
+    assert all(e.reason == MALFORMED for e in entries[:4])
+    assert all("finite" in e.detail for e in entries[:3]) and "no labels" in entries[3].detail
+
+
+def test_a_label_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "class_labels_indices.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + b'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/0hdsk,"Music"\n')
+    assert load_class_labels(path).names == ("Speech", "Music")
