@@ -9,7 +9,7 @@ rows are added; rows known to be unusable stay with the main output, whose skip 
 
 Resuming: the plan (which row goes to which shard, in which order) depends only on the inputs and settings, and has an
 id. Each finished shard gets a record under `.progress/` and is then renamed into place; a re-run with the same plan id
-keeps shards that have a record and a file of the recorded size, and redoes the rest. The manifest is written last,
+keeps shards that have a record and a file of the recorded SHA-256 (not only its size), and redoes the rest. The manifest is written last,
 then `.progress/` is removed.
 """
 
@@ -243,7 +243,13 @@ def _finished_record(out_dir: Path, name: str) -> dict | None:
         return None
     record = json.loads(record_path.read_text())
     shard = out_dir / name
-    return record if shard.is_file() and shard.stat().st_size == record["bytes"] else None
+    if not shard.is_file() or shard.stat().st_size != record["bytes"]:
+        return None
+    digest = hashlib.sha256()
+    with open(shard, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return record if digest.hexdigest() == record["sha256"] else None
 
 
 def build_shards(

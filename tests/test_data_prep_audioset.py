@@ -222,7 +222,9 @@ def test_m4a_with_ffmpeg_is_written(tmp_path):
     assert abs(len(clip.waveform) / SAMPLE_RATE - 2.0) < 0.1
 
 
-def test_killed_run_resumes_without_duplicates_and_matches_an_uninterrupted_run(tmp_path):
+def interrupted_run(tmp_path: Path) -> tuple[list[str], Path, Path, dict[str, int]]:
+    """A data_prep.audioset run of 15 rows (14 clips, one missing file; shards of 2) SIGKILLed once its first shard
+    is in place → (its command, audio dir, out dir, {surviving shard: mtime_ns})."""
     audio, rows = tmp_path / "audio", []
     rng = np.random.default_rng(0)
     for i in range(14):
@@ -247,8 +249,12 @@ def test_killed_run_resumes_without_duplicates_and_matches_an_uninterrupted_run(
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     survivors = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
     assert survivors and all(len(list(iter_shard(out / name))) == 2 for name in survivors)  # complete shards only
+    return command, audio, out, survivors
 
-    resumed = subprocess.run(command, capture_output=True, text=True, check=True)
+
+def test_killed_run_resumes_without_duplicates_and_matches_an_uninterrupted_run(tmp_path):
+    command, audio, out, survivors = interrupted_run(tmp_path)
+    resumed = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
 
     manifest = read_manifest(out)
     keys = [clip.key for shard in manifest.shards for clip in iter_shard(shard.path)]
@@ -261,6 +267,21 @@ def test_killed_run_resumes_without_duplicates_and_matches_an_uninterrupted_run(
     uninterrupted = build(read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES), tmp_path / "clean",
                           samples_per_shard=2)
     assert uninterrupted.fingerprint == manifest.fingerprint
+
+
+def test_a_kept_shard_is_checked_by_its_checksum_not_its_size(tmp_path):
+    command, audio, out, survivors = interrupted_run(tmp_path)
+    corrupt = out / sorted(survivors)[0]
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # same size, other bytes
+    corrupt.write_bytes(bytes(data))
+    subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+    manifest = read_manifest(out)
+    assert corrupt.stat().st_mtime_ns != survivors[corrupt.name]  # redone, not kept
+    uninterrupted = build(read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES), tmp_path / "clean",
+                          samples_per_shard=2)
+    assert uninterrupted.fingerprint == manifest.fingerprint
+    assert all(len(list(iter_shard(shard.path))) == 2 for shard in manifest.shards)
 
 
 def test_csv_with_byte_order_mark_and_crlf_lines_reads_like_plain_csv(tmp_path):

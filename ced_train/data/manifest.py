@@ -96,10 +96,19 @@ def _dumps(payload: dict) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write under a hidden temporary name, then rename: readers see the old file or the whole new one."""
+    """Write under a hidden temporary name, fsync, then rename and fsync the directory: readers see the old file or
+    the whole new one, also after a power loss."""
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
