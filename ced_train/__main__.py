@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -232,6 +233,19 @@ def compose(overrides: list[str] = (), return_hydra_config: bool = False) -> Dic
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+class StageError(Exception):
+    """A stage refused its settings or inputs (ValueError, OSError, a config or instantiation error): `str()` is one
+    line, `stage <name>: <what the stage said>`; the original error is the `__cause__`."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        super().__init__(f"stage {stage}: {lines[0]}" + (" [...]" if len(lines) > 1 else ""))
+
+
+# What a stage raises for a setting or input it cannot use (bugs raise other types and keep their tracebacks).
+_STAGE_USER_ERRORS = (ValueError, OSError, OmegaConfBaseException, InstantiationException)
+
+
 def run_stages(cfg: DictConfig) -> tuple[dict, dict]:
     """Check the run's inputs, then run its stages in order → (`{stage: result}`, `{"total"|stage: seconds}`)."""
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
@@ -244,7 +258,12 @@ def run_stages(cfg: DictConfig) -> tuple[dict, dict]:
     for stage in cfg.stages:
         log.info("stage %s", stage)
         stage_start = time.perf_counter()
-        results[stage] = STAGES[stage](cfg)
+        try:
+            results[stage] = STAGES[stage](cfg)
+        except (*USER_ERRORS, KeyboardInterrupt):
+            raise
+        except _STAGE_USER_ERRORS as error:
+            raise StageError(stage, error) from error
         seconds[stage] = round(time.perf_counter() - stage_start, 1)
         log.info("stage %s done in %.1f s", stage, seconds[stage])
     return results, {"total": round(time.perf_counter() - start, 1), **seconds}
@@ -258,7 +277,7 @@ def usage() -> str:
     )
 
 
-USER_ERRORS = (MissingInputError, StageListError, CheckpointError, StoreError)
+USER_ERRORS = (MissingInputError, StageListError, CheckpointError, StoreError, StageError)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
@@ -269,7 +288,10 @@ def main(cfg: DictConfig) -> None:
     try:
         results, seconds = run_stages(cfg)
     except USER_ERRORS as error:  # the message says what to change; a traceback would only hide it
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        hint = " (HYDRA_FULL_ERROR=1 shows the traceback)" if isinstance(error, StageError) else ""
+        print(f"error: {error}{hint}", file=sys.stderr)
         sys.exit(2)
     if not is_global_zero():
         return

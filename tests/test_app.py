@@ -169,3 +169,22 @@ def test_lightning_started_processes_are_recognised_from_any_devices_spelling(ov
     assert lightning_starts_processes(cfg) is starts
     monkeypatch.setenv("LOCAL_RANK", "1")  # one of Lightning's own children
     assert lightning_starts_processes(cfg) is False
+
+
+def test_an_error_inside_a_stage_is_one_line_naming_the_option_unless_hydra_full_error(tmp_path):
+    from helpers import make_shards
+
+    shards = make_shards(tmp_path / "eval", [1.0, 1.0], samples_per_shard=2)
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")
+    overrides = ["stages=[evaluate]", f"evaluate.shards={shards}", f"evaluate.checkpoint={checkpoint}",
+                 "evaluate.baseline_shards=null", "evaluate.precision=fp13", "logger=none"]
+    result = app(tmp_path, *overrides)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: stage evaluate: evaluate.precision='fp13': expected auto or one of")
+    assert "HYDRA_FULL_ERROR=1" in line
+    full = subprocess.run([sys.executable, "-m", "ced_train", "~local", f"paths.root_dir={tmp_path}",
+                           f"hydra.run.dir={tmp_path}/run2", *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "CED_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "evaluate.precision='fp13'" in full.stderr
