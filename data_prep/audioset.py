@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ced_train.audio import AUDIO_EXTENSIONS, FFMPEG_EXTENSIONS
+from ced_train.audio import FFMPEG_EXTENSIONS
 from ced_train.data.manifest import Skip
 from ced_train.labels import ClassLabels, default_label_file, load_class_labels
+from data_prep.scan import audio_files
 from data_prep.sharding import DUPLICATE, MALFORMED, MISSING, UNKNOWN_LABEL, SourceRow, add_output_arguments, run_cli
 
 TOOL = "data_prep.audioset"
@@ -35,17 +35,14 @@ _EXTENSION_RANK = {ext: rank for rank, ext in enumerate(
 
 
 class AudioIndex:
-    """Audio files under a directory (recursively) by file name without extension."""
+    """Audio files under a directory (recursively, symlinked subdirectories included) by file name without
+    extension."""
 
     def __init__(self, audio_dir: Path) -> None:
         self.audio_dir = audio_dir
         self.by_stem: dict[str, list[Path]] = {}
-        for dirpath, dirnames, filenames in os.walk(audio_dir):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                stem, ext = os.path.splitext(filename)
-                if ext.lower() in AUDIO_EXTENSIONS:
-                    self.by_stem.setdefault(stem, []).append(Path(dirpath) / filename)
+        for path in audio_files(audio_dir):
+            self.by_stem.setdefault(path.stem, []).append(path)
 
     def find(self, stems: Sequence[str]) -> Path | None:
         """The file of the first stem that has one; the most preferred format when there are several."""

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from ced_train.audio import AUDIO_EXTENSIONS
 from ced_train.data.manifest import Skip
 from ced_train.labels import ClassLabels, default_label_file, load_class_labels
+from data_prep.scan import audio_files
 from data_prep.sharding import DUPLICATE, MALFORMED, MISSING, UNKNOWN_LABEL, SourceRow, add_output_arguments, run_cli
 
 TOOL = "data_prep.folder"
@@ -30,14 +29,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def list_audio_files(audio_dir: Path) -> list[str]:
-    """Relative POSIX paths of the audio files under `audio_dir`, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(audio_dir):
-        dirnames.sort()
-        for filename in filenames:
-            if os.path.splitext(filename)[1].lower() in AUDIO_EXTENSIONS:
-                found.append((Path(dirpath) / filename).relative_to(audio_dir).as_posix())
-    return sorted(found)
+    """Relative POSIX paths of the audio files under `audio_dir` (symlinked subdirectories included), sorted."""
+    return sorted(path.relative_to(audio_dir).as_posix() for path in audio_files(audio_dir))
 
 
 def keys_for_paths(relative_paths: Sequence[str]) -> dict[str, str]:

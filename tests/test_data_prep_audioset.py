@@ -318,3 +318,13 @@ def test_a_label_file_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "class_labels_indices.csv"
     path.write_bytes(b"\xef\xbb\xbf" + b'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/0hdsk,"Music"\n')
     assert load_class_labels(path).names == ("Speech", "Music")
+
+
+def test_a_clip_below_a_symlinked_subdirectory_is_found(tmp_path):
+    write_tone(tmp_path / "disk2" / "aaaaaaaaaaa_30.000.wav")
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "part2").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    (tmp_path / "seg.csv").write_text(HEADER + 'aaaaaaaaaaa, 30.000, 40.000, "/m/09x0r"\n')
+    (entry,) = read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES)
+    assert isinstance(entry, SourceRow) and entry.source_file == "part2/aaaaaaaaaaa_30.000.wav"

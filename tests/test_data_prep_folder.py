@@ -71,3 +71,18 @@ def test_label_tsv_lists_the_rows_and_unlisted_files_are_left_out(tmp_path):
     manifest = read_manifest(tmp_path / "out")
     assert manifest.labelled and manifest.num_rows == 6 and manifest.num_samples == 2
     assert manifest.skipped_by_reason == {"unknown label": 1, "missing": 1, "duplicate": 1, "malformed row": 1}
+
+
+def test_symlinked_subdirectories_are_followed_once_even_through_a_loop(tmp_path, capsys):
+    store = tmp_path / "elsewhere" / "recordings"
+    write_audio(store / "field.wav")
+    audio = tmp_path / "audio"
+    write_audio(audio / "local.wav")
+    (audio / "linked").symlink_to(store, target_is_directory=True)
+    (store / "loop").symlink_to(store.parent, target_is_directory=True)  # elsewhere/recordings/loop -> elsewhere
+
+    code = main(["--audio-dir", str(audio), "--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"])
+
+    assert code == 0 and "rows 2: written 2" in capsys.readouterr().out
+    keys = [clip.key for shard in read_manifest(tmp_path / "out").shards for clip in iter_shard(shard.path)]
+    assert sorted(keys) == ["linked__field", "local"]
