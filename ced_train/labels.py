@@ -34,8 +34,11 @@ def load_class_labels(path: str | Path | None = None) -> ClassLabels:
         ValueError: naming the file and line when the header, an index or a MID is wrong.
     """
     path = Path(path) if path is not None else default_label_file()
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte-order mark, as spreadsheets write, is dropped
-        rows = list(csv.reader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte-order mark, as spreadsheets write, is dropped
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not rows or [c.strip() for c in rows[0]] != ["index", "mid", "display_name"]:
         raise ValueError(f"{path}: expected header 'index,mid,display_name', found {rows[:1]}")
     mids: list[str] = []

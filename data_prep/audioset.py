@@ -158,7 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.audio_dir.is_dir():
         parser.error(f"--audio-dir: no such directory {args.audio_dir}")
     label_file = args.class_labels or default_class_labels(args.segments)
-    classes = load_class_labels(label_file)
+    try:
+        classes = load_class_labels(label_file)
+    except (ValueError, OSError) as error:  # the message names the file (and line)
+        parser.error(f"--class-labels: {error}")
     print(f"class labels: {label_file} ({len(classes)} classes)")
     audio = AudioIndex(args.audio_dir)
     inputs = read_segments(args.segments, audio, classes)

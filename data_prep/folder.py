@@ -100,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--audio-dir: no such directory {args.audio_dir}")
     if args.labels is not None and not args.labels.is_file():
         parser.error(f"--labels: no such file {args.labels}")
-    classes = load_class_labels(args.class_labels)
+    try:
+        classes = load_class_labels(args.class_labels)
+    except (ValueError, OSError) as error:  # the message names the file (and line)
+        parser.error(f"--class-labels: {error}")
     inputs, unlisted = folder_inputs(args.audio_dir, classes, args.labels)
     if unlisted:
         print(f"{TOOL}: {unlisted} audio files under {args.audio_dir} are not listed in {args.labels} and are left out",

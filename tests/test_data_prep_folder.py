@@ -1,4 +1,8 @@
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 import soundfile
 
 from ced_train.audio import SAMPLE_RATE
@@ -86,3 +90,28 @@ def test_symlinked_subdirectories_are_followed_once_even_through_a_loop(tmp_path
     assert code == 0 and "rows 2: written 2" in capsys.readouterr().out
     keys = [clip.key for shard in read_manifest(tmp_path / "out").shards for clip in iter_shard(shard.path)]
     assert sorted(keys) == ["linked__field", "local"]
+
+
+@pytest.mark.parametrize("content", [b'index,mid,display_name\n0,/m/a\n', b"\xff\xfe not text", b"mid,name\n"])
+def test_a_bad_class_label_file_is_one_line_naming_it(tmp_path, content):
+    write_audio(tmp_path / "audio" / "a.wav")
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(content)
+    result = subprocess.run([sys.executable, "-m", "data_prep.folder", "--audio-dir", str(tmp_path / "audio"), "--out",
+                             str(tmp_path / "out"), "--class-labels", str(labels)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"python -m data_prep.folder: error: --class-labels: {labels}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--audio-dir", "{tmp}/nowhere"], "--audio-dir: no such directory {tmp}/nowhere"),
+    (["--audio-dir", "{tmp}", "--labels", "{tmp}/none.tsv"], "--labels: no such file {tmp}/none.tsv"),
+])
+def test_missing_paths_are_one_line_naming_the_option(tmp_path, argv, message):
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    result = subprocess.run([sys.executable, "-m", "data_prep.folder", *argv, "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(message.replace("{tmp}", str(tmp_path)))
