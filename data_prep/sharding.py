@@ -426,6 +426,10 @@ def run_cli(inputs: Sequence[SourceRow | Skip], classes: ClassLabels, args: argp
         except ShardingError as error:
             print(f"{tool}: error: {error}", file=sys.stderr)
             return 2
+        except OSError as error:  # a full disk, a read-only or vanished output directory
+            print(f"{tool}: error: writing {out}: {error.strerror or error}; shards finished so far are kept and a "
+                  "re-run resumes after them", file=sys.stderr)
+            return 2
         if split:
             print(f"{out}: {split['part']} ({len(part_inputs)} of {len(inputs)} rows; held-out fraction "
                   f"{split['fraction']})")

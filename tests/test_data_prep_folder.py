@@ -115,3 +115,33 @@ def test_missing_paths_are_one_line_naming_the_option(tmp_path, argv, message):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(message.replace("{tmp}", str(tmp_path)))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs mounted for this test (needs root, as CI runs)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, small_disk):
+    rng = np.random.default_rng(0)
+    (tmp_path / "audio").mkdir()
+    for i in range(8):  # 10 s of noise each, about 300 kB as FLAC: four shards of two overflow 2 MiB
+        soundfile.write(tmp_path / "audio" / f"n{i}.wav", rng.uniform(-0.5, 0.5, 160000).astype(np.float32),
+                        SAMPLE_RATE)
+    out = small_disk / "out"
+    result = subprocess.run([sys.executable, "-m", "data_prep.folder", "--audio-dir", str(tmp_path / "audio"), "--out",
+                             str(out), "--samples-per-shard", "2", "--workers", "1", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"data_prep.folder: error: writing {out}: No space left on device")
+    assert not [path for path in out.rglob("*") if ".partial" in path.name]
+    assert not (out / "manifest.json").exists() and list(out.glob("shard-*.tar"))  # finished shards kept

@@ -99,11 +99,15 @@ def _write_text_atomic(path: Path, text: str) -> None:
     """Write under a hidden temporary name, fsync, then rename and fsync the directory: readers see the old file or
     the whole new one, also after a power loss."""
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -169,8 +169,12 @@ class ShardWriter:
             self.publish()
 
     def abort(self) -> None:
-        self._tar.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            self._tar.close()
+        except OSError:  # closing flushes, which fails again on a full disk
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self
