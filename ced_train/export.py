@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,9 @@ QUANTIZE = ("none", "int8")
 def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = 18, quantize: str = "none") -> Path:
     """Write `model` (waveform → probabilities, with a `LogMelFrontEnd` as `model.front_end`; a CED or CNN tagger) to
     `out` via the dynamo exporter, int8-quantised when `quantize` is "int8"; returns the path written. The graph's
-    STFT is a convolution (`LogMelFrontEnd.stft_as_convolution`); `model` itself is left unchanged."""
+    STFT is a convolution (`LogMelFrontEnd.stft_as_convolution`); `model` itself is left unchanged. Files are made
+    in a temporary directory beside `out` and moved into place when complete (`out`, and `out.data` where the
+    exporter stores the weights apart), so a failed export leaves nothing behind."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     out = Path(out)
@@ -46,12 +49,15 @@ def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = 18, quanti
         0: torch.export.Dim("batch", min=1, max=4096),
         1: torch.export.Dim("samples", min=model.front_end.n_fft, max=MAX_SECONDS * SAMPLE_RATE),
     }
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        fp32 = out if quantize == "none" else Path(tmp) / "fp32.onnx"
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = Path(tmp) / out.name
+        fp32 = staged if quantize == "none" else Path(tmp) / "fp32.onnx"
         torch.onnx.export(model, (example,), str(fp32), dynamo=True, opset_version=opset, input_names=["waveform"],
                           output_names=["probs"], dynamic_shapes={"waveform": dynamic}, verbose=False)
         if quantize == "int8":
-            quantize_int8(fp32, out)
+            quantize_int8(fp32, staged)
+        for path in sorted(Path(tmp).glob(f"{out.name}*")):  # the graph and its external data, same names
+            os.replace(path, out.parent / path.name)
     return out
 
 
@@ -108,13 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.format == "hf":
-        from ced_train.models.hf import write_hf
+    from safetensors import SafetensorError
 
-        out = write_hf(model, args.out, names)
-        print(f"wrote {out}/config.json and {out}/model.safetensors (HF layout, {model.num_classes} classes)")
-        return 0
-    path = export_onnx(model, args.out, args.opset, args.quantize)
+    try:
+        if args.format == "hf":
+            from ced_train.models.hf import write_hf
+
+            out = write_hf(model, args.out, names)
+            print(f"wrote {out}/config.json and {out}/model.safetensors (HF layout, {model.num_classes} classes)")
+            return 0
+        path = export_onnx(model, args.out, args.opset, args.quantize)
+    except (OSError, SafetensorError) as error:  # a full disk, a read-only directory; nothing is left behind
+        print(f"error: writing {args.out}: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        return 2
     kind = "int8" if args.quantize == "int8" else "fp32"
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {kind}): waveform (batch, samples) @16 kHz -> "
           f"probs (batch, {model.num_classes})")

@@ -117,19 +117,6 @@ def test_missing_paths_are_one_line_naming_the_option(tmp_path, argv, message):
     assert result.stderr.strip().splitlines()[-1].endswith(message.replace("{tmp}", str(tmp_path)))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs mounted for this test (needs root, as CI runs)."""
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, small_disk):
     rng = np.random.default_rng(0)
     (tmp_path / "audio").mkdir()

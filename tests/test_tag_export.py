@@ -144,3 +144,12 @@ def test_int8_export_of_the_trained_demo_student_drifts_at_most_a_hundredth(tmp_
     drift = max(np.abs(np.subtract(*(s.run(None, {"waveform": clip[None]})[0] for s in sessions))).max()
                 for clip in clips)
     assert 1e-5 < drift <= 0.01
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "hf"])
+def test_a_full_disk_is_one_line_and_leaves_no_file(small_disk, fmt, capsys):
+    out = small_disk / ("model.onnx" if fmt == "onnx" else "hf")
+    assert export.main(["--checkpoint", str(DEMO_STUDENT), "--format", fmt, "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: writing {out}:")
+    assert [path for path in small_disk.rglob("*") if path.is_file()] == []

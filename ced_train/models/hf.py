@@ -214,13 +214,21 @@ def hf_config(model: torch.nn.Module, class_names: list[str]) -> dict:
 
 def write_hf(model: torch.nn.Module, out_dir: str | Path, class_names: list[str]) -> Path:
     """Write `model` (a `CEDModel`) as `out_dir/config.json` + `out_dir/model.safetensors` (HF names, float32,
-    contiguous); returns `out_dir`."""
+    contiguous); returns `out_dir`. Both are written under temporary names and renamed when complete, so a failed
+    write (a full disk) leaves neither behind."""
     from safetensors.torch import save_file
 
     config = hf_config(model, class_names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().contiguous().clone() for key, value in official_to_hf(model.state_dict()).items()}
-    save_file(tensors, out_dir / SAFETENSORS_NAME, metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    staged = {name: out_dir / f".{name}.partial" for name in (SAFETENSORS_NAME, CONFIG_NAME)}
+    try:
+        save_file(tensors, staged[SAFETENSORS_NAME], metadata={"format": "pt"})
+        staged[CONFIG_NAME].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        for name, path in staged.items():
+            path.replace(out_dir / name)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     return out_dir
