@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ced_train.__main__ import compose, run_stages
+from ced_train.__main__ import StageError, compose, run_stages
 from ced_train.lightning.batches import DistillBatch
 from ced_train.lightning.data import ViewsDataModule
 from ced_train.lightning.fit import StageOutputError, read_provenance
@@ -173,8 +173,10 @@ def test_reference_views_have_no_shift_fresh_masks_and_the_stored_mixup(tiny):
 
 
 def test_an_unknown_views_value_is_refused_in_one_line_and_the_old_switch_is_gone(tiny, tmp_path):
-    with pytest.raises(ValueError, match=r"^distill.views='consistent': expected one of replay, fresh, reference$"):
+    with pytest.raises(StageError, match=r"^stage distill: distill.views='consistent': expected one of replay, fresh, "
+                                         r"reference$") as error:
         run_stages(distill_cfg(tiny, tmp_path, "distill.views=consistent"))
+    assert isinstance(error.value.__cause__, ValueError)
     assert not (tmp_path / "student.ckpt").exists()
     with pytest.raises(Exception, match="consistent"):
         distill_cfg(tiny, tmp_path, "distill.consistent=false")
