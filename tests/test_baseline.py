@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ced_train.__main__ import compose, run_stages
+from ced_train.__main__ import StageError, compose, run_stages
 from ced_train.baseline import clip_features, fit_probe
 from ced_train.models.frontend import LogMelFrontEnd
 
@@ -102,5 +102,6 @@ def test_baseline_fitted_on_real_labels_beats_shuffled_labels_in_the_evaluate_ta
 
 
 def test_baseline_shards_without_labels_are_refused_naming_the_option(synthetic_split, tmp_path):
-    with pytest.raises(ValueError, match=r"^evaluate\.baseline_shards=\S+ holds no labels"):
+    with pytest.raises(StageError, match=r"^stage evaluate: evaluate\.baseline_shards=\S+ holds no labels") as error:
         evaluate_with_baseline(synthetic_split, synthetic_split / "unlabelled", tmp_path, "unlabelled")
+    assert isinstance(error.value.__cause__, ValueError)
