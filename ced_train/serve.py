@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from ced_train.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioDecodeError, load_audio
-from ced_train.models import CheckpointError, load_checkpoint
-from ced_train.tag import class_names, tag_waveform, top_classes
+from ced_train.tag import load_tagger, tag_waveform, top_classes
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 
@@ -213,12 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.chunk_seconds <= 0:
         parser.error("--top-k must be >= 1 and --chunk-seconds > 0")
-    try:
-        model = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, pooling="mean")
-        names = class_names(model.num_classes, args.labels, args.checkpoint)
-    except (CheckpointError, ValueError, OSError) as error:
-        print(f"error: checkpoint {args.checkpoint}: {error}", file=sys.stderr)
+    loaded = load_tagger(args.checkpoint, args.labels, args.trust_checkpoint)
+    if loaded is None:
         return 2
+    model, names = loaded
     try:
         server = make_server(Tagger(model, names, args.top_k, args.chunk_seconds), args.checkpoint, args.host,
                              args.port)

@@ -107,15 +107,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def load_tagger(checkpoint: str, labels: str | None, trust: bool) -> tuple[torch.nn.Module, list[str]] | None:
+    """The model (probabilities) and display names the CLIs tag with; None after printing the one-line error."""
     try:
         # Trained checkpoints record pooling "logit" (raw logits for the loss); tagging reports probabilities.
-        model = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, pooling="mean")
-        names = class_names(model.num_classes, args.labels, args.checkpoint)
+        model = load_checkpoint(checkpoint, trust=trust, pooling="mean")
+        return model, class_names(model.num_classes, labels, checkpoint)
     except (CheckpointError, ValueError, OSError) as error:
-        print(f"error: checkpoint {args.checkpoint}: {error}", file=sys.stderr)
+        print(f"error: checkpoint {checkpoint}: {error}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    loaded = load_tagger(args.checkpoint, args.labels, args.trust_checkpoint)
+    if loaded is None:
         return 2
+    model, names = loaded
     results, failed = [], 0
     for path in args.files:
         try:
