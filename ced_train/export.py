@@ -51,12 +51,13 @@ def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = 18, quanti
     }
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / out.name
-        fp32 = staged if quantize == "none" else Path(tmp) / "fp32.onnx"
+        fp32 = staged if quantize == "none" else Path(tmp) / "fp32" / "fp32.onnx"  # intermediates apart
+        fp32.parent.mkdir(exist_ok=True)
         torch.onnx.export(model, (example,), str(fp32), dynamo=True, opset_version=opset, input_names=["waveform"],
                           output_names=["probs"], dynamic_shapes={"waveform": dynamic}, verbose=False)
         if quantize == "int8":
             quantize_int8(fp32, staged)
-        for path in sorted(Path(tmp).glob(f"{out.name}*")):  # the graph and its external data, same names
+        for path in sorted(p for p in Path(tmp).glob(f"{out.name}*") if p.is_file()):  # graph + external data
             os.replace(path, out.parent / path.name)
     return out
 

@@ -46,7 +46,7 @@ from ced_train.data.manifest import (
     write_manifest,
     write_skipped,
 )
-from ced_train.data.shards import CODECS, SHARD_FORMAT_VERSION, ShardWriter, encode_audio, sample_digest
+from ced_train.data.shards import CODECS, SHARD_FORMAT_VERSION, ShardWriter, encode_audio, file_sha256, sample_digest
 from ced_train.labels import ClassLabels
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
@@ -245,11 +245,7 @@ def _finished_record(out_dir: Path, name: str) -> dict | None:
     shard = out_dir / name
     if not shard.is_file() or shard.stat().st_size != record["bytes"]:
         return None
-    digest = hashlib.sha256()
-    with open(shard, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return record if digest.hexdigest() == record["sha256"] else None
+    return record if file_sha256(shard) == record["sha256"] else None
 
 
 def build_shards(

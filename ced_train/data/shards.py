@@ -112,6 +112,15 @@ def sample_digest(key: str, labels: list[int], pcm_sha256: str) -> bytes:
     return f"{key}\t{','.join(map(str, labels))}\t{pcm_sha256}\n".encode()
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class ShardWriter:
     """Write one shard under a hidden temporary name, so that a visible shard is always complete.
 
@@ -150,13 +159,11 @@ class ShardWriter:
     def finish(self) -> tuple[int, str]:
         """Complete the tar under its temporary name; return (size in bytes, sha256 of the bytes)."""
         self._tar.close()
-        digest = hashlib.sha256()
+        sha256 = file_sha256(self.tmp_path)
         with open(self.tmp_path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
             os.fsync(handle.fileno())
         self._finished = True
-        return self.tmp_path.stat().st_size, digest.hexdigest()
+        return self.tmp_path.stat().st_size, sha256
 
     def publish(self) -> None:
         os.replace(self.tmp_path, self.path)

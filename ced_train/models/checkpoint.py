@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ced_train.models.hf import HFLayoutError, hf_directory, read_hf
+from ced_train.models.hf import HFLayoutError, hf_directory, hf_labels, read_hf
 from ced_train.models.registry import create_model, is_ced, list_models, variant_dims
 
 # Buffers of torchaudio's MelSpectrogram inside the official `front_end` Sequential: recomputed here, so dropped.
@@ -61,7 +61,7 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict[str, to
     directory = hf_directory(path)
     if directory is not None:
         try:
-            state_dict, description, _ = read_hf(directory)
+            state_dict, description = read_hf(directory)
         except HFLayoutError as error:
             raise CheckpointError(str(error)) from None
         return state_dict, description
@@ -117,7 +117,7 @@ def checkpoint_class_names(path: str | Path) -> list[str] | None:
     if directory is None:
         return None
     try:
-        return read_hf(directory)[2]
+        return hf_labels(directory)
     except HFLayoutError as error:
         raise CheckpointError(str(error)) from None
 

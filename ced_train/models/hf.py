@@ -119,6 +119,12 @@ def config_labels(config: dict, path: Path) -> list[str] | None:
     return [by_index[i] for i in range(len(by_index))]
 
 
+def hf_labels(directory: Path) -> list[str] | None:
+    """The display names of an HF-layout directory's `id2label` (only `config.json` is read), or None."""
+    config_path = directory / CONFIG_NAME
+    return config_labels(_read_config(config_path), config_path)
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.name == SAFETENSORS_NAME:
         from safetensors import SafetensorError
@@ -136,9 +142,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return payload
 
 
-def read_hf(directory: Path) -> tuple[dict[str, torch.Tensor], dict, list[str] | None]:
-    """Read an HF-layout directory → (state dict with official names, model description for `create_model`,
-    display names from `id2label` or None).
+def read_hf(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an HF-layout directory → (state dict with official names, model description for `create_model`);
+    `id2label`, when present, must name every output (`hf_labels` reads it).
 
     The description gives the CED dimensions explicitly (`embed_dim, depth, num_heads, mlp_ratio, patch_size,
     target_length`, `num_classes` from `outputdim`) under the registered variant of those dimensions.
@@ -166,7 +172,7 @@ def read_hf(directory: Path) -> tuple[dict[str, torch.Tensor], dict, list[str] |
         state_dict = hf_to_official(_load_tensors(weights_path))
     except HFLayoutError as error:
         raise HFLayoutError(f"{weights_path}: {error}") from None
-    return state_dict, description, labels
+    return state_dict, description
 
 
 def _variant_name(embed_dim: int, depth: int, num_heads: int) -> str:
