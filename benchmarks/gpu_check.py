@@ -313,7 +313,7 @@ def run_render(args, report: Report, shards: Path, store: Path) -> None:
     if not report.time_left("render", args.seconds + COST_S["render"]):
         return
     dataset = ViewDataset(shards, store=store)
-    items = list(dataset.render(0, min(args.teach_batch, dataset.num_clips)))
+    items = list(dataset.render(0, min(args.teach_batch, dataset.num_rows)))
     inputs = collate_views(items)
     on_cpu = ViewRenderer()(inputs)
     renderer = ViewRenderer().to(args.device)

@@ -68,7 +68,7 @@ def build(root: Path, clips: int, views: int) -> tuple[Path, StoreSpec, float]:
         n = min(SHARD_CLIPS, clips - shard * SHARD_CLIPS)
         keys = [f"clip{shard * SHARD_CLIPS + i:08d}" for i in range(n)]
         parts.append(write_part(root / "parts" / f"shard-{shard:06d}.h5", spec, f"shard-{shard:06d}", keys,
-                                *synthetic_part(rng, views, n, augment)))
+                                np.zeros(n, np.int32), *synthetic_part(rng, views, n, augment)))
         if shard % 200 == 0:
             print(f"  parts written: {shard + 1} ({time.perf_counter() - start:.0f} s)", flush=True)
     parts_s = time.perf_counter() - start

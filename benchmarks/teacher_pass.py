@@ -81,8 +81,8 @@ def bytes_at_scale(root: Path, clips: int = 22160, views: int = 10, shards: int 
         values = np.sort(rng.random((views, count, 20)), axis=-1)[..., ::-1]
         indices = np.stack([np.stack([rng.permutation(527)[:20] for _ in range(count)]) for _ in range(views)])
         params = np.zeros((views, count), VIEW_PARAMS_DTYPE)
-        parts.append(write_part(root / f"part{index}.h5", spec, f"shard-{index:06d}.tar", keys, params, values,
-                                indices))
+        parts.append(write_part(root / f"part{index}.h5", spec, f"shard-{index:06d}.tar", keys,
+                                np.zeros(count, np.int32), params, values, indices))
     path = merge_parts(root / "scale.h5", spec, parts)
     return path.stat().st_size / (clips * views)
 

@@ -1,18 +1,20 @@
-"""Shards + per-(clip, view) augmentation parameters → what the views are rendered from; the one data path of the
+"""Shards + per-(row, view) augmentation parameters → what the views are rendered from; the one data path of the
 teacher pass and of student training.
 
-Loader workers only read and decode here: each clip is cut or zero-padded to the fixed chunk
-(`AugmentConfig.clip_samples`) as int16 samples, and each requested view is an item holding that chunk, its mixup
-partner's chunk and the view's parameters. Batches carry them as `rendering.ViewInputs`; the front end and
-`augment.apply` run batched on the training device (`rendering.ViewRenderer`), so the rendered view is the same
-whichever batch a view lands in. Mixup partners come from the clip's block of `mixup_block_clips` consecutive clips
-of the same shard, so only one block per worker is ever in memory.
+A row is one chunk of `AugmentConfig.clip_samples` (10 s) of one sample: every chunk of every sample, the last one
+kept when at least half a chunk (`ced_train.data.chunks`), in the store's row order. Loader workers only read and
+decode here: each chunk is zero-padded to the fixed length as int16 samples, and each requested view is an item
+holding that chunk, its mixup partner's chunk and the view's parameters. Batches carry them as
+`rendering.ViewInputs`; the front end and `augment.apply` run batched on the training device
+(`rendering.ViewRenderer`), so the rendered view is the same whichever batch a view lands in. Mixup partners come from
+the row's block of `mixup_block_clips` consecutive rows of the same shard, so only one block per worker (and the
+samples its rows come from) is ever in memory. A row's parameters are drawn under its `chunks.chunk_rng_key`.
 
 Three ways to use it:
 
 - teacher pass: `ViewDataset(shards, sampler=ViewSampler(cfg, seed), views=range(V), batch_size=B)` yields every
-  view of every clip in batches that never span shards;
-- consistent distillation ("replay"): `ViewDataset(shards, store=path)` yields view `epoch % V` of each clip with the
+  view of every row in batches that never span shards;
+- consistent distillation ("replay"): `ViewDataset(shards, store=path)` yields view `epoch % V` of each row with the
   parameters read from the store and the stored top-k targets with it: rendered, the input the teachers saw, bit for
   bit on the same device type;
 - no consistency / supervised ("fresh"): `ViewDataset(shards, sampler=ViewSampler(cfg, other_seed), store=path | None)`
@@ -42,6 +44,7 @@ from ced_train.augment import (
     mix_labels,
 )
 from ced_train.data import ShardInfo, iter_shard, read_manifest
+from ced_train.data.chunks import ShardChunks, shard_chunks
 from ced_train.rendering import collate_views
 from ced_train.store import StoreError, TeacherStore
 
@@ -49,27 +52,27 @@ __all__ = ["ViewDataset", "collate_items"]
 
 
 class ViewDataset(IterableDataset):
-    """Rendered views of the clips of a shard directory.
+    """Rendered views of the chunk rows of a shard directory.
 
     Args:
         shards_dir: shard directory (with `manifest.json`).
         store: teacher store; gives the top-k targets and, without a `sampler`, the augmentation parameters.
         sampler: draws fresh parameters instead of reading them (teacher pass, ablations, supervised training); a
             `reference` sampler also gets the stored ones.
-        views: view indices rendered for every clip (teacher pass: `range(V)`). None (student): one view per epoch,
+        views: view indices rendered for every row (teacher pass: `range(V)`). None (student): one view per epoch,
             view `epoch % V` of the store, or view counter `epoch` for fresh parameters without a store.
         shard_names: only these shards (default: all, in manifest order).
-        shuffle: shuffle the shard order and the clip order within each mixup block, per epoch.
+        shuffle: shuffle the shard order and the row order within each mixup block, per epoch.
         seed: seed of that shuffle.
         batch_size: when set, yield batches of up to this many consecutive items of one shard (use the DataLoader
             with `batch_size=None`); otherwise yield single items for the DataLoader to collate.
 
-    Items (dicts): `key` str, `shard` str, `row` int (stored order in the shard), `view` int, `waveform` (samples,)
-    int16 fixed-length chunk, `partner_row` int and `partner_waveform` (its mixup partner's; its own without one),
+    Items (dicts): `key` str (the sample's), `chunk` int (of the sample), `shard` str, `row` int (the shard's store
+    row), `view` int, `waveform` (samples,) int16 fixed-length chunk, `partner_row` int and `partner_waveform` (its mixup partner's; its own without one),
     `params` dict of int fields (`augment.VIEW_PARAMS_DTYPE`, checked), `fill_db` float, `labels` (classes,) float32
     multi-hot labels mixed like the input, and with a store `topk_values` (k,) float32 and `topk_indices` (k,)
     int64; `rendering.collate_views` makes a batch's `ViewInputs` of them. Batches (`collate_items`) hold
-    `key`/`shard` as lists, `row`, `view`, `labels` (and top-k) stacked, `params` as columns, and `inputs`, the
+    `key`/`shard` as lists, `chunk`, `row`, `view`, `labels` (and top-k) stacked, `params` as columns, and `inputs`, the
     `ViewInputs`.
     """
 
@@ -119,23 +122,31 @@ class ViewDataset(IterableDataset):
         self.seed = seed
         self.batch_size = batch_size
         self.epoch = 0
+        self._layouts: dict[str, ShardChunks] = {}
+
+    def layout(self, shard: ShardInfo) -> ShardChunks:
+        """The store rows of `shard` (its chunks)."""
+        if shard.name not in self._layouts:
+            self._layouts[shard.name] = shard_chunks(shard, self.augment.clip_samples)
+        return self._layouts[shard.name]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def epoch_views(self) -> list[int]:
-        """The view indices rendered for every clip this epoch."""
+        """The view indices rendered for every row this epoch."""
         if self.views is not None:
             return self.views
         return [self.epoch % self.store.num_views] if self.store is not None else [self.epoch]
 
     @property
-    def num_clips(self) -> int:
-        return sum(shard.num_samples for shard in self.shards)
+    def num_rows(self) -> int:
+        """Chunk rows of the selected shards."""
+        return sum(len(self.layout(shard)) for shard in self.shards)
 
     def __len__(self) -> int:
         """Items (not batches) per epoch."""
-        return self.num_clips * len(self.epoch_views())
+        return self.num_rows * len(self.epoch_views())
 
     def epoch_shards(self, shards: Sequence[ShardInfo]) -> list[ShardInfo]:
         """`shards` in this epoch's reading order: as given, or shuffled by `(seed, epoch)`."""
@@ -151,15 +162,15 @@ class ViewDataset(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for shard in self.epoch_shards(self.shards)[worker_id::num_workers]:
             whole = [(start, 0, self.augment.mixup_block_clips)
-                     for start in range(0, shard.num_samples, self.augment.mixup_block_clips)]
+                     for start in range(0, len(self.layout(shard)), self.augment.mixup_block_clips)]
             items = self._shard_items(shard, whole)
             yield from (items if self.batch_size is None else _batches(items, self.batch_size))
 
     def render(self, start: int, stop: int) -> Iterator[dict]:
-        """The items of clips `[start, stop)` of this epoch's clip order over all shards.
+        """The items of rows `[start, stop)` of this epoch's row order over all shards.
 
-        That order is: shards in `epoch_shards` order, their mixup blocks in stored order, each block's clips in its
-        epoch order (shuffled with `shuffle`). Only the blocks that hold those clips are decoded and rendered (the
+        That order is: shards in `epoch_shards` order, their mixup blocks in stored order, each block's rows in its
+        epoch order (shuffled with `shuffle`). Only the blocks that hold those rows are decoded and rendered (the
         tar is streamed up to them), so consumers of disjoint ranges (ranks, DataLoader workers) share at most their
         boundary blocks.
         """
@@ -167,32 +178,46 @@ class ViewDataset(IterableDataset):
         selected: list[tuple[ShardInfo, list[tuple[int, int, int]]]] = []
         offset = 0
         for shard in self.epoch_shards(self.shards):
-            if offset + shard.num_samples > start and offset < stop:
+            rows = len(self.layout(shard))
+            if offset + rows > start and offset < stop:
                 picks = []
-                for block_start in range(0, shard.num_samples, block):
-                    size = min(block, shard.num_samples - block_start)
+                for block_start in range(0, rows, block):
+                    size = min(block, rows - block_start)
                     lo, hi = max(start - offset - block_start, 0), min(stop - offset - block_start, size)
                     if lo < hi:
                         picks.append((block_start, lo, hi))
                 selected.append((shard, picks))
-            offset += shard.num_samples
+            offset += rows
         for shard, picks in selected:
             yield from self._shard_items(shard, picks)
 
     def _shard_items(self, shard: ShardInfo, picks: Sequence[tuple[int, int, int]]) -> Iterator[dict]:
-        """Items of `shard`'s consecutive mixup blocks `picks`: for each `(block_start, lo, hi)`, the clips at places
+        """Items of `shard`'s consecutive mixup blocks `picks`: for each `(block_start, lo, hi)`, the rows at places
         `[lo, hi)` of the block's epoch order."""
-        block = self.augment.mixup_block_clips
-        store_start = self._store_rows(shard)
-        if not picks:  # a shard without clips
+        block, chunk_samples = self.augment.mixup_block_clips, self.augment.clip_samples
+        layout = self.layout(shard)
+        store_start = self._store_rows(shard, layout)
+        if not picks:  # a shard without rows
             return
-        clips = iter_shard(shard.path, picks[0][0], min(picks[-1][0] + block, shard.num_samples), dtype="int16")
+        block_stop = min(picks[-1][0] + block, len(layout))
+        first_sample, stop_sample = int(layout.sample_rows[picks[0][0]]), int(layout.sample_rows[block_stop - 1]) + 1
+        clips = iter_shard(shard.path, first_sample, stop_sample, dtype="int16")
+        decoded, place = {}, first_sample  # sample place → Clip, for the current block; the next place to read
         for block_start, lo, hi in picks:
-            block_clips = list(islice(clips, block))
-            expected = shard.keys[block_start : block_start + block]
-            if [clip.key for clip in block_clips] != list(expected):
-                raise ValueError(f"{shard.path}: clips at rows {block_start}.. do not match the manifest's keys")
-            waveforms = [fixed_length(clip.waveform, self.augment.clip_samples) for clip in block_clips]
+            rows = range(block_start, min(block_start + block, len(layout)))
+            samples = layout.sample_rows[rows.start : rows.stop].tolist()
+            decoded = {i: clip for i, clip in decoded.items() if i >= samples[0]}
+            while place <= samples[-1]:
+                clip = next(clips, None)
+                if clip is None or clip.key != shard.keys[place]:
+                    raise ValueError(f"{shard.path}: the sample at place {place} does not match the manifest's key "
+                                     f"{shard.keys[place]!r}")
+                decoded[place], place = clip, place + 1
+            block_clips = [decoded[i] for i in samples]
+            expected = [layout.keys[row] for row in rows]
+            chunks = layout.chunks[rows.start : rows.stop]
+            waveforms = [fixed_length(clip.waveform[int(c) * chunk_samples :], chunk_samples)
+                         for clip, c in zip(block_clips, chunks)]
             labels = torch.zeros(len(block_clips), self.num_classes)
             for i, clip in enumerate(block_clips):
                 labels[i, clip.labels] = 1.0
@@ -206,6 +231,7 @@ class ViewDataset(IterableDataset):
                     partner = int(partners[pos])
                     item = {
                         "key": expected[pos],
+                        "chunk": int(chunks[pos]),
                         "shard": shard.name,
                         "row": block_start + pos,
                         "view": view,
@@ -222,7 +248,7 @@ class ViewDataset(IterableDataset):
 
     def _block_views(self, shard: ShardInfo, store_start: int, block_start: int, labels: torch.Tensor,
                      view: int) -> tuple:
-        """One view of the `len(labels)` clips of the mixup block at `block_start`: parameter columns (numpy int64),
+        """One view of the `len(labels)` rows of the mixup block at `block_start`: parameter columns (numpy int64),
         partner places in the block (own place without a partner), labels mixed like the inputs, and with a store
         the top-k values `(n, k)` float32 and indices `(n, k)` int64 (else None)."""
         size = len(labels)
@@ -231,13 +257,15 @@ class ViewDataset(IterableDataset):
         if self.store is not None:
             values, indices, stored = self.store.read(view, store_start + block_start, store_start + block_start + size)
             values, indices = torch.from_numpy(values.astype(np.float32)), torch.from_numpy(indices.astype(np.int64))
-            check_params(stored, self.augment.frames, shard.num_samples)
+        layout = self.layout(shard)
+        if stored is not None:
+            check_params(stored, self.augment.frames, len(layout))
         if self.sampler is None:
             params = stored
         else:
             counter = view if self.views is not None else self.epoch
-            params = self.sampler.sample(list(shard.keys[block_start : block_start + size]), [counter] * size,
-                                         rows.tolist(), shard.num_samples, stored)
+            params = self.sampler.sample(layout.rng_keys[block_start : block_start + size], [counter] * size,
+                                         rows.tolist(), len(layout), stored)
         partner_row = params["partner_row"].astype(np.int64)
         outside = (partner_row >= 0) & ((partner_row < block_start) | (partner_row >= block_start + size))
         if outside.any():
@@ -248,13 +276,15 @@ class ViewDataset(IterableDataset):
         columns = {name: params[name].astype(np.int64) for name in params.dtype.names}
         return columns, partners, mix_labels(labels, labels[partners], params), values, indices
 
-    def _store_rows(self, shard: ShardInfo) -> int:
-        """First store row of `shard`, after checking the store holds exactly its keys."""
+    def _store_rows(self, shard: ShardInfo, layout: ShardChunks) -> int:
+        """First store row of `shard`, after checking the store holds exactly its chunk rows."""
         if self.store is None:
             return 0
         start, stop = self.store.shard_rows(shard.name)
-        if self.store.keys(start, stop) != list(shard.keys):
-            raise StoreError(f"store {self.store.path}: rows of shard {shard.name} do not hold its keys in order")
+        if self.store.keys(start, stop) != list(layout.keys) or not np.array_equal(self.store.chunks(start, stop),
+                                                                                   layout.chunks):
+            raise StoreError(f"store {self.store.path}: rows of shard {shard.name} do not hold its chunks in order "
+                             f"(chunks of {self.augment.clip_samples} samples)")
         return start
 
 
@@ -264,6 +294,7 @@ def collate_items(items: Sequence[dict]) -> dict:
     batch = {
         "key": [item["key"] for item in items],
         "shard": [item["shard"] for item in items],
+        "chunk": torch.tensor([item["chunk"] for item in items]),
         "row": torch.tensor([item["row"] for item in items]),
         "view": torch.tensor([item["view"] for item in items]),
         "params": inputs.params,

@@ -3,8 +3,11 @@
     python -m data_prep.audioset --segments balanced_train_segments.csv --audio-dir DIR \\
         [--class-labels class_labels_indices.csv] --out shards/balanced_train [--samples-per-shard N] [--workers N]
 
-Every CSV row ends up either in a shard or in `skipped.tsv` with a reason. The audio files are taken to hold the
-segment already (as every public AudioSet download does); nothing is cut. Sample keys are `<YTID>_<start in ms>`
+Every CSV row ends up either in a shard or in `skipped.tsv` with a reason. A file named by the segment
+(`YTID_START.ext`, `YTID_START_END.ext`) is taken to hold the segment already, as every public AudioSet download does.
+A file named by the video alone (`YTID.ext`, `YYTID.ext`) is cut to the segment's `[start, end)` when it lasts up to
+the segment's end (it is the whole video), else taken whole; when several rows would map to one such file, each is
+skipped as `ambiguous file`. Sample keys are `<YTID>_<start in ms>`
 (`--PJHxphWEs_30000`), because a dot in `YTID_30.000` would end the key for webdataset. Without --class-labels the
 classes are those of the `class_labels_indices.csv` beside the first segment CSV, where AudioSet's download puts it
 and a directory of your own labelled audio may hold your classes, else those of the shipped 527-class file.
@@ -24,7 +27,16 @@ from ced_train.audio import FFMPEG_EXTENSIONS
 from ced_train.data.manifest import Skip
 from ced_train.labels import ClassLabels, default_label_file, load_class_labels
 from data_prep.scan import audio_files
-from data_prep.sharding import DUPLICATE, MALFORMED, MISSING, UNKNOWN_LABEL, SourceRow, add_output_arguments, run_cli
+from data_prep.sharding import (
+    AMBIGUOUS,
+    DUPLICATE,
+    MALFORMED,
+    MISSING,
+    UNKNOWN_LABEL,
+    SourceRow,
+    add_output_arguments,
+    run_cli,
+)
 
 TOOL = "data_prep.audioset"
 LABEL_FILE_NAME = "class_labels_indices.csv"
@@ -126,12 +138,31 @@ def read_segments(csv_paths: Sequence[Path], audio: AudioIndex, classes: ClassLa
             entries.append(Skip(source_row, key, MISSING, f"no audio file under {audio.audio_dir} named like "
                                 f"{ytid}_{start_s:.3f}.*, {ytid}_{start_s:.3f}_{end_s:.3f}.* or {ytid}.*"))
             continue
+        whole_video = path.stem in (ytid, f"Y{ytid}")
         entries.append(SourceRow(
             source_row=source_row, key=key, path=path, source_file=path.relative_to(audio.audio_dir).as_posix(),
             labels=tuple(classes.index_of_mid[m] for m in mids), mids=mids,
             extra={"ytid": ytid, "start_s": start_s, "end_s": end_s},
+            span_s=(start_s, end_s) if whole_video else None,
         ))
-    return entries
+    return _refuse_shared_videos(entries)
+
+
+def _refuse_shared_videos(entries: list[SourceRow | Skip]) -> list[SourceRow | Skip]:
+    """Rows that found the same bare `YTID.ext` file become `ambiguous file` skips: a file named by the video alone
+    may be the whole video or one segment of it, and it cannot be both segments."""
+    rows_of_file: dict[Path, list[str]] = {}
+    for entry in entries:
+        if isinstance(entry, SourceRow) and entry.span_s is not None:
+            rows_of_file.setdefault(entry.path, []).append(entry.source_row)
+    shared = {path: rows for path, rows in rows_of_file.items() if len(rows) > 1}
+    return [
+        Skip(entry.source_row, entry.key, AMBIGUOUS,
+             f"{entry.source_file} is named by the video alone and rows {', '.join(shared[entry.path])} all map to "
+             "it; name each segment's file YTID_START.ext")
+        if isinstance(entry, SourceRow) and entry.path in shared else entry
+        for entry in entries
+    ]
 
 
 def default_class_labels(segments: Sequence[Path]) -> Path:

@@ -6,7 +6,8 @@ Without `--labels`, every audio file under DIR (recursively) is one input row, w
 the TSV lists the rows: `relative/path.wav<TAB>/m/09x0r,/t/dd00088` (MIDs of the class label file; an empty second
 field means "none of the classes"; blank and `#` lines are ignored); files it does not list are left out and counted.
 Sample keys are the relative path without extension, with `/` as `__` and other characters outside `[A-Za-z0-9_-]`
-as `_`; names that collide that way get a short hash of their path appended.
+as `_`; names that collide that way, and names that end like the key of a piece of a long file (`-p` and digits,
+see `data_prep.sharding`), get a short hash of their path appended.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from pathlib import Path
 from ced_train.data.manifest import Skip
 from ced_train.labels import ClassLabels, default_label_file, load_class_labels
 from data_prep.scan import audio_files
-from data_prep.sharding import DUPLICATE, MALFORMED, MISSING, UNKNOWN_LABEL, SourceRow, add_output_arguments, run_cli
+from data_prep.sharding import (
+    DUPLICATE,
+    MALFORMED,
+    MISSING,
+    PIECE_SUFFIX,
+    UNKNOWN_LABEL,
+    SourceRow,
+    add_output_arguments,
+    run_cli,
+)
 
 TOOL = "data_prep.folder"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -34,15 +44,15 @@ def list_audio_files(audio_dir: Path) -> list[str]:
 
 
 def keys_for_paths(relative_paths: Sequence[str]) -> dict[str, str]:
-    """Relative path → sample key, unique and free of dots (see the module docstring)."""
+    """Relative path → sample key, unique, free of dots and never a piece key (see the module docstring)."""
     def plain(path: str) -> str:
         stem = path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
         return _UNSAFE.sub("_", stem.replace("/", "__")) or "_"
 
     plain_keys = {path: plain(path) for path in relative_paths}
     collisions = Counter(plain_keys.values())
-    return {path: key if collisions[key] == 1 else f"{key}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-            for path, key in plain_keys.items()}
+    return {path: key if collisions[key] == 1 and not PIECE_SUFFIX.search(key)
+            else f"{key}-{hashlib.sha1(path.encode()).hexdigest()[:8]}" for path, key in plain_keys.items()}
 
 
 def read_label_tsv(tsv_path: Path) -> list[tuple[str, str, str | None]]:

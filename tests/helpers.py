@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import soundfile
+import torch
 
 from ced_train.audio import SAMPLE_RATE
 
@@ -141,3 +143,17 @@ class RecordLastCheckpoints:
                 self._record(trainer)
 
         return _Record()
+
+
+class HashTeacher:
+    """A teacher whose top-20 classes are a hash of the exact input bits: equal top-k ⇔ (practically) equal input."""
+
+    num_classes = 527
+
+    def __call__(self, mel_db: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((mel_db.shape[0], self.num_classes), -30.0)
+        for i, row in enumerate(mel_db.float().cpu()):
+            digest = hashlib.sha256(row.contiguous().numpy().tobytes()).digest()
+            classes = np.random.default_rng(list(digest)).permutation(self.num_classes)[:20]
+            logits[i, torch.from_numpy(classes)] = torch.linspace(3.0, -2.0, 20)
+        return logits

@@ -163,10 +163,11 @@ def test_sample_without_its_json_is_a_format_error_naming_shard_and_key(tmp_path
 def manifest_payload(tmp_path, shard_bytes: int) -> dict:
     return {
         "tool": "test", "tool_version": "0", "seed": 0, "labelled": True, "num_classes": 2,
-        "class_labels": {"mids": ["/m/a", "/m/b"], "names": ["A", "B"]}, "num_rows": 3,
+        "class_labels": {"mids": ["/m/a", "/m/b"], "names": ["A", "B"]}, "num_rows": 3, "num_written": 2,
         "skipped_by_reason": {"missing": 1}, "total_hours": 0.001, "class_counts": [1, 1], "plan_id": "p",
         "fingerprint": "f", "shards": [{"name": "s.tar", "num_samples": 2, "bytes": shard_bytes, "sha256": "x",
-                                        "content_sha256": "y", "duration_s": 3.0, "keys": ["k1", "k2"]}],
+                                        "content_sha256": "y", "duration_s": 3.0, "keys": ["k1", "k2"],
+                                        "lengths": [16000, 32000], "offsets": [0, 0]}],
     }
 
 
@@ -200,7 +201,15 @@ def test_manifest_with_another_format_version_is_refused(tmp_path):
     write_manifest(tmp_path, manifest_payload(tmp_path, 10))
     raw = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**raw, "format_version": 99}))
-    with pytest.raises(ValueError, match="format_version 1, found 99"):
+    with pytest.raises(ValueError, match="format_version 2, found 99"):
+        read_manifest(tmp_path, check_files=False)
+
+
+def test_manifest_without_a_length_per_key_is_refused(tmp_path):
+    payload = manifest_payload(tmp_path, 10)
+    payload["shards"][0]["lengths"] = [16000]
+    write_manifest(tmp_path, payload)
+    with pytest.raises(ValueError, match="2 keys, 1 lengths and 2 offsets for 2 samples"):
         read_manifest(tmp_path, check_files=False)
 
 
@@ -256,11 +265,23 @@ def test_a_shard_directory_in_either_codec_reads_the_same_clips_under_the_same_f
         assert {name.rsplit(".", 1)[1] for name in tar.getnames()} == {codec, "json"}
 
 
-def test_flac_shard_directories_keep_the_plan_id_of_the_format_before_codecs(tmp_path):
-    """A directory prepared before codecs existed must stay finished (reused, resumable), not be refused as made from
-    other settings: its plan id, recorded by the code of that time (commit 6721c3a) for these inputs."""
-    from helpers import make_shards
+def test_data_prep_on_a_directory_of_the_format_before_chunks_says_to_rerun_in_one_line(tmp_path):
+    """Manifest format 1 listed no sample lengths; data_prep refuses such a directory with one line (exit 2) instead
+    of a traceback, and `--overwrite` rebuilds it."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(2):
+        soundfile.write(audio / f"c{i}.wav", np.full(8000, 0.1 * (i + 1), np.float32), 16000)
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "data_prep.folder", "--audio-dir", str(audio), "--out", str(out), "--workers",
+               "1", "--no-progress"]
+    repo = Path(__file__).resolve().parents[1]
+    assert subprocess.run(command, cwd=repo, capture_output=True, timeout=120).returncode == 0
+    raw = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**raw, "format_version": 1}))
 
-    manifest = read_manifest(make_shards(tmp_path / "s", [1.0, 2.0, 0.5], 2))
-    assert manifest.codec == "flac"
-    assert manifest.plan_id == "b3665f61cc8983ead2b0c8f3839d1f6c8dc9ad49feb0198ab92532de42eb72a0"
+    refused = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "written by an older data_prep" in refused.stderr and "--overwrite" in refused.stderr
+    rebuilt = subprocess.run(command + ["--overwrite"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0 and read_manifest(out).num_samples == 2, rebuilt.stderr

@@ -47,10 +47,10 @@ def shard_arrays(keys: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, np
 @pytest.fixture
 def parts(tmp_path):
     written = {}
-    for shard, count in (("a.tar", 3), ("b.tar", 2)):
-        keys = [f"{shard[0]}{i}" for i in range(count)]
-        arrays = shard_arrays(keys, seed=count)
-        path = write_part(tmp_path / "parts" / f"{shard}.h5", SPEC, shard, keys, *arrays)
+    # a.tar: sample a0 of two chunks, a1 of one; b.tar: two samples of one chunk.
+    for shard, keys, chunks in (("a.tar", ["a0", "a0", "a1"], [0, 1, 0]), ("b.tar", ["b0", "b1"], [0, 0])):
+        arrays = shard_arrays(keys, seed=len(keys))
+        path = write_part(tmp_path / "parts" / f"{shard}.h5", SPEC, shard, keys, np.array(chunks), *arrays)
         written[shard] = (path, keys, arrays)
     return written
 
@@ -59,8 +59,9 @@ def test_merged_store_reads_back_exactly_what_the_parts_held(parts, tmp_path):
     path = merge_parts(tmp_path / "store.h5", SPEC, [parts["a.tar"][0], parts["b.tar"][0]])
     assert not list(tmp_path.glob("*.tmp-*"))
     with TeacherStore(path) as store:
-        assert (store.num_clips, store.num_views, store.top_k, store.spec) == (5, 2, 5, SPEC)
-        assert store.keys() == ["a0", "a1", "a2", "b0", "b1"]
+        assert (store.num_rows, store.num_views, store.top_k, store.spec) == (5, 2, 5, SPEC)
+        assert store.keys() == ["a0", "a0", "a1", "b0", "b1"]
+        assert store.chunks().tolist() == [0, 1, 0, 0, 0]
         for shard, (_, keys, (params, values, indices)) in parts.items():
             start, stop = store.shard_rows(shard)
             assert store.keys(start, stop) == keys
@@ -127,10 +128,11 @@ def test_a_store_of_another_format_version_is_refused_in_one_line(parts, tmp_pat
     path = merge_parts(tmp_path / "store.h5", SPEC, [parts["a.tar"][0], parts["b.tar"][0]])
     with h5py.File(path, "r+") as file:
         file.attrs["format_version"] = FORMAT_VERSION - 1
-    expected = f"format version {FORMAT_VERSION - 1}, this code reads {FORMAT_VERSION}"
+    expected = f"store format version {FORMAT_VERSION - 1}, this code reads {FORMAT_VERSION}"
     with pytest.raises(StoreError, match=expected) as error:
         TeacherStore(path)
     assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert "re-run the teacher pass with teach.overwrite=true" in str(error.value)
 
 
 # A process that keeps files open for writing with HDF5's default (locking) access, until its stdin closes.
@@ -160,7 +162,7 @@ def test_readers_open_store_and_parts_without_hdf5_file_locks(parts, tmp_path, m
         assert part_is_complete(part, SPEC, "a.tar", 3)
         merged = merge_parts(tmp_path / "again.h5", SPEC, [part, parts["b.tar"][0]])
         with TeacherStore(merged) as reader:
-            assert reader.keys() == ["a0", "a1", "a2", "b0", "b1"]
+            assert reader.keys() == ["a0", "a0", "a1", "b0", "b1"]
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)

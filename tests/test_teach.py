@@ -4,7 +4,6 @@ student's data path, 2 processes over gloo, kill and resume, and what `verify` c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -32,26 +31,12 @@ from ced_train.store import StoreError, StoreLock, TeacherStore, verify
 from ced_train.teachers import TeacherEnsemble, load_ensemble
 from ced_train.rendering import ViewRenderer
 from ced_train.views import ViewDataset, collate_items
-from helpers import make_shards, spawn_bounded
+from helpers import HashTeacher, make_shards, spawn_bounded
 
 AUGMENT = AugmentConfig(mixup_prob=0.75, mixup_block_clips=2)
 VIEWS = 3
 CLIPS = 21  # the synthetic_train_shards fixture
 REPO = Path(__file__).resolve().parents[1]
-
-
-class HashTeacher:
-    """A teacher whose top-20 classes are a hash of the exact input bits: equal top-k ⇔ (practically) equal input."""
-
-    num_classes = 527
-
-    def __call__(self, mel_db: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((mel_db.shape[0], self.num_classes), -30.0)
-        for i, row in enumerate(mel_db.float().cpu()):
-            digest = hashlib.sha256(row.contiguous().numpy().tobytes()).digest()
-            classes = np.random.default_rng(list(digest)).permutation(self.num_classes)[:20]
-            logits[i, torch.from_numpy(classes)] = torch.linspace(3.0, -2.0, 20)
-        return logits
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +69,9 @@ def assert_same_store(a, b) -> None:
 
 def test_two_teacher_store_passes_verify_and_holds_every_clip_view(tiny, capsys):
     summary = verify(tiny["store"], tiny["shards"])
-    assert (summary["clips"], summary["views"], summary["coverage"]) == (CLIPS, VIEWS, 1.0)
+    assert (summary["rows"], summary["views"], summary["coverage"]) == (CLIPS, VIEWS, 1.0)
     assert [t["file"] for t in summary["teachers"]] == ["teacher0.pt", "teacher1.pt"]
-    assert summary["payload_bytes_per_clip_view"] == 93
+    assert summary["payload_bytes_per_row_view"] == 93
     assert store_module.main(["verify", str(tiny["store"]), "--shards", str(tiny["shards"])]) == 0
     assert "ok" in capsys.readouterr().out
     assert store_module.main(["info", str(tiny["store"])]) == 0
@@ -152,7 +137,7 @@ def test_a_shard_whose_files_all_failed_to_decode_gets_an_empty_part(tmp_path):
     store = tmp_path / "store.h5"
     ensemble = TeacherEnsemble([HashTeacher()], sources=[{"file": "hash"}])
     teacher_pass(shards, store, ensemble, AUGMENT, seed=0, num_views=2, batch_size=4, progress=False)
-    assert verify(store, shards)["clips"] == 2
+    assert verify(store, shards)["rows"] == 2
     dataset = ViewDataset(shards, store=store)
     items = list(dataset)
     assert [item["key"] for item in items] == list(manifest.shards[1].keys)
@@ -170,12 +155,12 @@ def test_an_unreadable_store_is_refused_and_replaced_only_with_overwrite(tmp_pat
     with pytest.raises(StoreError, match="cannot open"):
         teacher_pass(shards, store, ensemble, AUGMENT, **run)
     teacher_pass(shards, store, ensemble, AUGMENT, overwrite=True, **run)
-    assert verify(store, shards)["clips"] == 2
+    assert verify(store, shards)["rows"] == 2
 
 
 def test_consistent_mixup_is_stored_with_partners_in_the_same_shard(tiny):
     with TeacherStore(tiny["store"]) as store:
-        params = np.concatenate([store.read(v, 0, store.num_clips)[2] for v in range(VIEWS)])
+        params = np.concatenate([store.read(v, 0, store.num_rows)[2] for v in range(VIEWS)])
         assert (params["partner_row"] >= 0).any() and (params["shift_frames"] != 0).any()
         for name in store.shard_names:
             start, stop = store.shard_rows(name)
@@ -187,7 +172,7 @@ def test_a_second_run_with_the_same_settings_does_nothing(tiny, capsys):
     before = tiny["store"].stat().st_mtime_ns
     summary = teacher_pass(tiny["shards"], tiny["store"], load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
                            num_views=VIEWS, progress=False)
-    assert summary["clips_run_by_this_rank"] == 0 and tiny["store"].stat().st_mtime_ns == before
+    assert summary["rows_run_by_this_rank"] == 0 and tiny["store"].stat().st_mtime_ns == before
     assert "up to date" in capsys.readouterr().out
 
 
@@ -208,7 +193,7 @@ def test_overwrite_replaces_a_store_and_parts_of_other_settings_but_nothing_else
         arrays = [np.stack([old.read(v, start, stop)[i] for v in range(VIEWS)]) for i in (2, 0, 1)]
         other_spec = dataclasses.replace(old.spec, seed=99)
         store_module.write_part(tmp_path / "other.h5.parts" / f"{first}.h5", other_spec, first,
-                                old.keys(start, stop), *arrays)
+                                old.keys(start, stop), old.chunks(start, stop), *arrays)
     run = dict(seed=0, num_views=VIEWS, batch_size=4, progress=False)
     with pytest.raises(StoreError, match="mixup_prob"):
         teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), changed, **run)
@@ -296,7 +281,7 @@ def test_verify_reads_an_augment_file_through_its_defaults(tiny, capsys):
 @pytest.mark.parametrize(
     "dataset, index, value, message",
     [
-        ("topk_indices", (1, 2), -1, "1 .clip, view. entries with missing"),
+        ("topk_indices", (1, 2), -1, "1 .row, view. entries with missing"),
         ("topk_values", (0, 4, 0), 1.5, "values outside"),
         ("topk_values", (2, 0, 3), np.nan, "non-finite"),
         ("topk_indices", (0, 1, 5), 600, "indices outside"),
@@ -401,7 +386,8 @@ def test_a_second_pass_on_a_locked_store_is_refused_and_leaves_the_first_passes_
         first, second = done.shard_names[:2]
         start, stop = done.shard_rows(first)
         arrays = [np.stack([done.read(v, start, stop)[i] for v in range(VIEWS)]) for i in (2, 0, 1)]
-        store_module.write_part(parts / f"{first}.h5", done.spec, first, done.keys(start, stop), *arrays)
+        store_module.write_part(parts / f"{first}.h5", done.spec, first, done.keys(start, stop),
+                                done.chunks(start, stop), *arrays)
     (parts / f"{second}.h5.tmp-4242").write_bytes(b"half a part")
     lock = foreign_lock(store)
     before = {path.name: path.read_bytes() for path in [lock, *parts.iterdir()]}
@@ -506,7 +492,7 @@ def test_a_ddp_child_that_finds_the_store_current_starts_no_process_group(tiny, 
     monkeypatch.delenv("RANK", raising=False)
     summary = teacher_pass(tiny["shards"], tiny["store"], load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
                            num_views=VIEWS, progress=False)
-    assert summary["clips_run_by_this_rank"] == 0 and not torch.distributed.is_initialized()
+    assert summary["rows_run_by_this_rank"] == 0 and not torch.distributed.is_initialized()
 
 
 def launch_teach_ranks(tmp_path, ranks, world_size, shards, checkpoints, store, wait_s=90):
@@ -594,7 +580,7 @@ def test_stage_teach_runs_from_the_composed_hydra_config(tiny, tmp_path):
     results = teach.run(cfg)
     assert results["store"] == str(tmp_path / "data" / "store" / "pair" / "synthetic.h5")
     summary = verify(results["store"], tiny["shards"], augment=AugmentConfig(mixup_block_clips=4))
-    assert (summary["views"], summary["clips"]) == (2, CLIPS)
+    assert (summary["views"], summary["rows"]) == (2, CLIPS)
 
 
 def test_several_slurm_tasks_without_a_process_group_are_refused(monkeypatch):

@@ -118,7 +118,7 @@ def test_workers_split_whole_shards_without_overlap(shards):
 def test_disjoint_render_ranges_cover_the_epoch_order_once_and_render_like_the_whole(shards):
     dataset = ViewDataset(shards, sampler=ViewSampler(AUGMENT, seed=0), shuffle=True, seed=2)
     dataset.set_epoch(1)
-    whole = list(dataset.render(0, dataset.num_clips))
+    whole = list(dataset.render(0, dataset.num_rows))
     assert len(whole) == 7
     # Cuts inside mixup blocks and across the shard boundary.
     pieces = [item for start, stop in ((0, 2), (2, 5), (5, 7)) for item in dataset.render(start, stop)]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 SKIPPED_NAME = "skipped.tsv"
-MANIFEST_FORMAT_VERSION = 1
+# 2: shards list each sample's length and source offset (chunk layouts come from the manifest alone).
+MANIFEST_FORMAT_VERSION = 2
 SKIPPED_COLUMNS = ("source_row", "key", "reason", "detail")
 SKIPPED_HEADER = "\t".join(SKIPPED_COLUMNS)
 
@@ -31,6 +32,8 @@ class ShardInfo:
     content_sha256: str  # of the shard's sample digests (see module docstring)
     duration_s: float
     keys: tuple[str, ...]
+    lengths: tuple[int, ...]  # samples at 16 kHz per key, stored order
+    offsets: tuple[int, ...]  # where each sample starts in its input row's audio, samples at 16 kHz (0: not a piece)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Manifest:
     class_counts: tuple[int, ...]
     total_hours: float
     num_rows: int
+    num_written: int  # input rows written (a long file cut in pieces is one row and several samples)
     skipped_by_reason: dict[str, int]
     seed: int
     tool: str
@@ -141,11 +145,15 @@ def read_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format_version") != MANIFEST_FORMAT_VERSION:
-            raise ValueError(f"expected format_version {MANIFEST_FORMAT_VERSION}, found {raw.get('format_version')!r}")
+        version = raw.get("format_version")
+        if version != MANIFEST_FORMAT_VERSION:
+            older = isinstance(version, int) and version < MANIFEST_FORMAT_VERSION
+            raise ValueError(f"expected format_version {MANIFEST_FORMAT_VERSION}, found {version!r}"
+                             + ("; it was written by an older data_prep: re-run it with --overwrite" if older else ""))
         shards = [
             ShardInfo(s["name"], root / s["name"], int(s["num_samples"]), int(s["bytes"]), s["sha256"],
-                      s["content_sha256"], float(s["duration_s"]), tuple(s["keys"]))
+                      s["content_sha256"], float(s["duration_s"]), tuple(s["keys"]),
+                      tuple(map(int, s["lengths"])), tuple(map(int, s["offsets"])))
             for s in raw["shards"]
         ]
         manifest = Manifest(
@@ -153,14 +161,16 @@ def read_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
             class_mids=tuple(raw["class_labels"]["mids"]), class_names=tuple(raw["class_labels"]["names"]),
             labelled=bool(raw["labelled"]), shards=shards, class_counts=tuple(raw["class_counts"]),
             total_hours=float(raw["total_hours"]), num_rows=int(raw["num_rows"]),
+            num_written=int(raw["num_written"]),
             skipped_by_reason=dict(raw["skipped_by_reason"]), seed=int(raw["seed"]), tool=raw["tool"],
             tool_version=raw["tool_version"], plan_id=raw["plan_id"], codec=raw.get("codec", "flac"),
         )
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: invalid shard manifest ({type(error).__name__}: {error})") from None
     for shard in shards:
-        if shard.num_samples != len(shard.keys):
-            raise ValueError(f"{path}: shard {shard.name} lists {len(shard.keys)} keys for {shard.num_samples} samples")
+        if not shard.num_samples == len(shard.keys) == len(shard.lengths) == len(shard.offsets):
+            raise ValueError(f"{path}: shard {shard.name} lists {len(shard.keys)} keys, {len(shard.lengths)} lengths "
+                             f"and {len(shard.offsets)} offsets for {shard.num_samples} samples")
         if check_files:
             if not shard.path.is_file():
                 raise FileNotFoundError(f"{root}: shard {shard.name} is listed in {MANIFEST_NAME} but missing")

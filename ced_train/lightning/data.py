@@ -65,9 +65,9 @@ class EqualBatches(IterableDataset):
         self.dataset = dataset
         self.batch_size = batch_size
         self.rank = rank
-        self.num_batches = dataset.num_clips // (world_size * batch_size)
+        self.num_batches = dataset.num_rows // (world_size * batch_size)
         if self.num_batches == 0:
-            raise ValueError(f"{dataset.num_clips} training clips are fewer than one batch of {batch_size} per rank "
+            raise ValueError(f"{dataset.num_rows} training chunk rows are fewer than one batch of {batch_size} per rank "
                              f"on {world_size} rank(s): lower data.batch_size")
         self.collate = collate
         self._resume = (0, 0)

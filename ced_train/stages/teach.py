@@ -1,10 +1,10 @@
-"""Stage `teach`: run the teacher ensemble once over several augmented views of every training clip and write the
-teacher store (top-k outputs + the augmentation of each view). See docs/store.md.
+"""Stage `teach`: run the teacher ensemble once over several augmented views of every 10 s chunk of every training
+sample and write the teacher store (top-k outputs + the augmentation of each view). See docs/store.md.
 
 Work is split across ranks by shard (torchrun or any launcher that sets RANK/WORLD_SIZE; or a process group the
 caller initialised). Each finished shard is written as its own part file (temporary name, then rename) under
 `<store>.parts/`; when all parts exist, rank 0 merges them into the store, again atomically. A re-run skips finished
-parts, so a killed pass redoes only unfinished shards and never duplicates or drops a (clip, view). Rank 0 holds the
+parts, so a killed pass redoes only unfinished shards and never duplicates or drops a (row, view). Rank 0 holds the
 lock `<store>.lock` from before anything is deleted or written until the pass ends, so a second pass on the same
 store is refused instead of removing the first one's files.
 """
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig, ViewSampler, params_from_columns
 from ced_train.data import ShardInfo, read_manifest
+from ced_train.data.chunks import num_chunks, shard_chunks
 from ced_train.stages import autocast_dtype, check_precision, is_global_zero
 from ced_train.store import (
     INDEX_DTYPE,
@@ -141,8 +142,8 @@ def teacher_pass(
     Args:
         ensemble: the teachers (in eval mode); its `sources`, `averaging` and `num_classes` go into the store.
         augment, seed: the augmentation config and the seed that key every view's parameters.
-        num_views: views per clip; top_k: outputs kept per view.
-        batch_size: (clip, view) inputs per ensemble call; batches never span shards.
+        num_views: views per chunk row; top_k: outputs kept per view.
+        batch_size: (row, view) inputs per ensemble call; batches never span shards.
         num_workers: DataLoader workers that decode clips (whole shards per worker); views render on `device`.
         precision: autocast dtype: "bf16", "fp16", "fp32" (none), or "auto" (bf16 on a GPU, none on a CPU).
         device: "auto" (this rank's GPU if any, else CPU) or a torch device string.
@@ -157,6 +158,7 @@ def teacher_pass(
     manifest = read_manifest(shards_dir)
     spec = StoreSpec(manifest.fingerprint, augment, seed, tuple(ensemble.sources), ensemble.averaging, top_k,
                      num_views, ensemble.num_classes)
+    rows = num_chunks(manifest.shards, augment.clip_samples)
     store_path = Path(store_path)
     parts_dir = store_path.with_name(store_path.name + ".parts")
     # Before any process group: Lightning's DDP re-runs the whole app in child processes (LOCAL_RANK and WORLD_SIZE
@@ -165,7 +167,7 @@ def teacher_pass(
         if _is_rank_zero():
             _remove_leftover_parts(store_path, parts_dir, break_lock)
             print(f"teach: {store_path} is up to date (fingerprint {spec.fingerprint()}); nothing to do")
-        return _summary(store_path, spec, manifest.num_samples, 0, 0, time.perf_counter() - start_time)
+        return _summary(store_path, spec, rows, 0, 0, time.perf_counter() - start_time)
     device = _resolve_device(device)
     rank, world_size = _init_distributed(device, timedelta(minutes=timeout_min))
     if device.type == "cuda" and device.index is not None:
@@ -175,7 +177,7 @@ def teacher_pass(
         if _store_is_current(store_path, spec, overwrite):  # written by another pass since the check above
             if rank == 0:
                 print(f"teach: {store_path} was written by another pass meanwhile; nothing to do")
-            return _summary(store_path, spec, manifest.num_samples, 0, 0, time.perf_counter() - start_time)
+            return _summary(store_path, spec, rows, 0, 0, time.perf_counter() - start_time)
         if store_path.exists():  # made from something else, to be replaced (else the check raised)
             _barrier(world_size)  # every rank has read the old store before rank 0 removes it
             if rank == 0:
@@ -198,8 +200,8 @@ def teacher_pass(
     finally:
         if lock is not None:
             lock.release()
-    done = sum(shard.num_samples for shard in pending)
-    return _summary(store_path, spec, manifest.num_samples, done, len(mine) - len(pending),
+    done = num_chunks(pending, augment.clip_samples)
+    return _summary(store_path, spec, rows, done, len(mine) - len(pending),
                     time.perf_counter() - start_time)
 
 
@@ -260,7 +262,7 @@ def _lock_store(store_path: Path, rank: int, world_size: int, break_lock: bool) 
 def _part_done(path: Path, spec: StoreSpec, shard: ShardInfo, overwrite: bool) -> bool:
     """True for a finished part of this pass; a part of another pass is an error, or removed with `overwrite`."""
     try:
-        return part_is_complete(path, spec, shard.name, shard.num_samples)
+        return part_is_complete(path, spec, shard.name, len(shard_chunks(shard, spec.augment.clip_samples)))
     except StoreError:
         if not overwrite:
             raise
@@ -288,14 +290,14 @@ def _run_shards(
     dtype = autocast_dtype("teach.precision", precision, device)
     ensemble = ensemble.to(device).eval()
     renderer = ViewRenderer().to(device)
-    shard_by_name = {shard.name: shard for shard in shards}
+    layouts = {shard.name: dataset.layout(shard) for shard in shards}
     buffers: dict[str, dict] = {}
     views = spec.num_views
-    unfinished = set(shard_by_name)
-    for shard in shards:
-        if shard.num_samples == 0:  # every file of the shard failed to decode: the loader yields nothing for it
-            write_part(parts_dir / f"{shard.name}.h5", spec, shard.name, [], *_empty_arrays(spec, 0))
-            unfinished.discard(shard.name)
+    unfinished = set(layouts)
+    for name, layout in layouts.items():
+        if len(layout) == 0:  # no sample of the shard holds a chunk: the loader yields nothing for it
+            write_part(parts_dir / f"{name}.h5", spec, name, [], layout.chunks, *_empty_arrays(spec, 0))
+            unfinished.discard(name)
     with tqdm(total=len(dataset), unit="view", desc="teach", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             mel_db = renderer(batch["inputs"].to(device, non_blocking=True))
@@ -303,7 +305,7 @@ def _run_shards(
                 probs = ensemble(mel_db)
             values, indices = probs.float().topk(spec.top_k, dim=1)
             name = batch["shard"][0]
-            num = shard_by_name[name].num_samples
+            num = len(layouts[name])
             if name not in buffers:
                 buffers[name] = dict(zip(("params", "values", "indices"), _empty_arrays(spec, num)), count=0)
             buffer = buffers[name]
@@ -314,33 +316,33 @@ def _run_shards(
             buffer["count"] += len(row)
             bar.update(len(row))
             if buffer["count"] == views * num:
-                write_part(parts_dir / f"{name}.h5", spec, name, list(shard_by_name[name].keys), buffer["params"],
-                           buffer["values"], buffer["indices"])
+                write_part(parts_dir / f"{name}.h5", spec, name, list(layouts[name].keys), layouts[name].chunks,
+                           buffer["params"], buffer["values"], buffer["indices"])
                 del buffers[name]
                 unfinished.discard(name)
     if unfinished:
         raise RuntimeError(f"teach: shards {sorted(unfinished)} ended incomplete; their parts were not written")
 
 
-def _empty_arrays(spec: StoreSpec, num_clips: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _empty_arrays(spec: StoreSpec, num_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One shard's part arrays before any batch: params `(views, n)`, values `(views, n, k)` float16 and indices
     `(views, n, k)` int16 filled with the store's "never written" marker."""
-    shape = (spec.num_views, num_clips)
+    shape = (spec.num_views, num_rows)
     return (np.zeros(shape, VIEW_PARAMS_DTYPE), np.zeros(shape + (spec.top_k,), VALUE_DTYPE),
             np.full(shape + (spec.top_k,), MISSING_INDEX, INDEX_DTYPE))
 
 
-def _summary(store_path: Path, spec: StoreSpec, clips: int, clips_run: int, parts_reused: int, elapsed_s: float):
+def _summary(store_path: Path, spec: StoreSpec, rows: int, rows_run: int, parts_reused: int, elapsed_s: float):
     size = store_path.stat().st_size if store_path.exists() else 0
     return {
         "store": str(store_path),
         "fingerprint": spec.fingerprint(),
-        "clips": clips,
+        "rows": rows,
         "views": spec.num_views,
         "top_k": spec.top_k,
-        "clips_run_by_this_rank": clips_run,
+        "rows_run_by_this_rank": rows_run,
         "parts_reused_by_this_rank": parts_reused,
         "elapsed_s": elapsed_s,
-        "views_per_s": clips_run * spec.num_views / elapsed_s if elapsed_s > 0 else 0.0,
-        "file_bytes_per_clip_view": size / max(1, clips * spec.num_views),
+        "views_per_s": rows_run * spec.num_views / elapsed_s if elapsed_s > 0 else 0.0,
+        "file_bytes_per_row_view": size / max(1, rows * spec.num_views),
     }

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig, check_params, sample_view
+from ced_train.data.chunks import chunk_rng_key, shard_chunks
 from ced_train.store.format import (
     CHUNK_CLIPS,
     FORMAT_VERSION,
@@ -35,24 +36,24 @@ def info(path: str | Path) -> dict:
         written = sum(
             int(np.count_nonzero(indices[view, start : start + CHUNK_CLIPS, 0] != MISSING_INDEX))
             for view in range(store.num_views)
-            for start in range(0, store.num_clips, CHUNK_CLIPS)
+            for start in range(0, store.num_rows, CHUNK_CLIPS)
         )
         spec = store.spec
-        clip_views = max(1, store.num_clips * spec.num_views)
+        clip_views = max(1, store.num_rows * spec.num_views)
         return {
             "path": str(store.path),
             "format_version": FORMAT_VERSION,
             "fingerprint": spec.fingerprint(),
             "manifest_fingerprint": spec.manifest_fingerprint,
-            "clips": store.num_clips,
+            "rows": store.num_rows,
             "shards": len(store.shard_names),
             "views": spec.num_views,
             "top_k": spec.top_k,
             "num_classes": spec.num_classes,
             "coverage": written / clip_views,
             "file_bytes": store.path.stat().st_size,
-            "file_bytes_per_clip_view": store.path.stat().st_size / clip_views,
-            "payload_bytes_per_clip_view": spec.top_k * (VALUE_DTYPE.itemsize + INDEX_DTYPE.itemsize)
+            "file_bytes_per_row_view": store.path.stat().st_size / clip_views,
+            "payload_bytes_per_row_view": spec.top_k * (VALUE_DTYPE.itemsize + INDEX_DTYPE.itemsize)
             + VIEW_PARAMS_DTYPE.itemsize,
             "bytes_per_view": store.path.stat().st_size / spec.num_views,
             "teachers": list(spec.teachers),
@@ -69,7 +70,7 @@ def _examples(items, limit: int = 5) -> str:
 
 
 def _check_rows(spec: StoreSpec, file: h5py.File, view: int, start: int, stop: int) -> dict[str, int]:
-    """Counts of bad (clip, view) entries among store rows `[start, stop)` of one view."""
+    """Counts of bad (row, view) entries among store rows `[start, stop)` of one view."""
     values = file["topk_values"][view, start:stop].astype(np.float32)
     indices = file["topk_indices"][view, start:stop].astype(np.int64)
     written = indices[:, 0] != MISSING_INDEX
@@ -89,7 +90,7 @@ def _check_rows(spec: StoreSpec, file: h5py.File, view: int, start: int, stop: i
 
 
 def _check_params(spec: StoreSpec, params: np.ndarray, shard_start: int, shard_clips: int) -> list[str]:
-    """Problems of one shard's `(views, n)` parameters: bounds, and partners outside the clip's mixup block."""
+    """Problems of one shard's `(views, n)` parameters: bounds, and partners outside the row's mixup block."""
     try:
         check_params(params.reshape(-1), spec.augment.frames, shard_clips)
     except ValueError as error:
@@ -120,47 +121,54 @@ def _check_provenance(store: TeacherStore, manifest, augment: AugmentConfig | No
 
 
 def _check_shapes(store: TeacherStore) -> list[str]:
-    spec, file, clips = store.spec, store.file, store.num_clips
+    spec, file, clips = store.spec, store.file, store.num_rows
     shapes = {
         "topk_values": (spec.num_views, clips, spec.top_k),
         "topk_indices": (spec.num_views, clips, spec.top_k),
         "view_params": (spec.num_views, clips),
         "keys": (clips,),
+        "chunks": (clips,),
         "shard_offsets": (len(store.shard_names) + 1,),
     }
     problems = [f"{name} has shape {file[name].shape}, expected {shape}" for name, shape in shapes.items()
                 if file[name].shape != shape]
     if store.shard_offsets[-1] != clips:
-        problems.append(f"shard_offsets end at {store.shard_offsets[-1]}, not at the {clips} clips")
+        problems.append(f"shard_offsets end at {store.shard_offsets[-1]}, not at the {clips} rows")
     return problems
 
 
 def _check_keys(store: TeacherStore, keys: list[str], manifest) -> list[str]:
+    """The store's rows against the chunk layout of the manifest (every chunk of every sample once, in order)."""
     problems = []
-    duplicates = sorted(key for key, count in Counter(keys).items() if count > 1)
+    chunk_samples = store.spec.augment.clip_samples
+    rows = list(zip(keys, store.chunks().tolist()))
+    duplicates = sorted(f"{key}#{chunk}" for (key, chunk), count in Counter(rows).items() if count > 1)
     if duplicates:
-        problems.append(f"keys stored more than once: {_examples(duplicates)}")
-    manifest_keys = [key for shard in manifest.shards for key in shard.keys]
-    absent, foreign = sorted(set(manifest_keys) - set(keys)), sorted(set(keys) - set(manifest_keys))
+        problems.append(f"(key, chunk) rows stored more than once: {_examples(duplicates)}")
+    layouts = [shard_chunks(shard, chunk_samples) for shard in manifest.shards]
+    expected = [(key, int(chunk)) for layout in layouts for key, chunk in zip(layout.keys, layout.chunks)]
+    absent, foreign = sorted(set(expected) - set(rows)), sorted(set(rows) - set(expected))
     if absent:
-        problems.append(f"manifest keys missing from the store: {_examples(absent)}")
+        problems.append(f"chunks of the manifest's samples missing from the store: "
+                        f"{_examples(f'{key}#{chunk}' for key, chunk in absent)}")
     if foreign:
-        problems.append(f"store keys not in the manifest: {_examples(foreign)}")
-    layout = ([shard.name for shard in manifest.shards], [shard.num_samples for shard in manifest.shards])
+        problems.append(f"store rows not in the manifest's chunk layout: "
+                        f"{_examples(f'{key}#{chunk}' for key, chunk in foreign)}")
+    layout = ([shard.name for shard in manifest.shards], [len(chunks) for chunks in layouts])
     if not absent and not foreign and (
-        keys != manifest_keys or (store.shard_names, np.diff(store.shard_offsets).tolist()) != layout
+        rows != expected or (store.shard_names, np.diff(store.shard_offsets).tolist()) != layout
     ):
-        problems.append("keys or shards are not in the manifest's order")
+        problems.append("rows or shards are not in the manifest's order")
     return problems
 
 
 def _check_entries(store: TeacherStore) -> list[str]:
-    spec, file, clips = store.spec, store.file, store.num_clips
+    spec, file, clips = store.spec, store.file, store.num_rows
     counts: Counter = Counter()
     for view in range(spec.num_views):
         for start in range(0, clips, CHUNK_CLIPS):
             counts.update(_check_rows(spec, file, view, start, min(start + CHUNK_CLIPS, clips)))
-    problems = [f"{count} (clip, view) entries with {name}" for name, count in counts.items() if count]
+    problems = [f"{count} (row, view) entries with {name}" for name, count in counts.items() if count]
     for i, name in enumerate(store.shard_names):
         start, stop = store.shard_offsets[i], store.shard_offsets[i + 1]
         params = file["view_params"][:, start:stop]
@@ -169,20 +177,22 @@ def _check_entries(store: TeacherStore) -> list[str]:
 
 
 def _check_resampled(store: TeacherStore, keys: list[str], resample: int) -> list[str]:
-    """Re-draw up to `resample` evenly spread parameter records from the recorded config and seed."""
-    spec, file, clips = store.spec, store.file, store.num_clips
+    """Re-draw up to `resample` evenly spread parameter records from the recorded config and seed (each row's
+    parameters are drawn under `chunk_rng_key`)."""
+    spec, file, clips = store.spec, store.file, store.num_rows
     total = clips * spec.num_views
     if not total or resample <= 0:
         return []
     shard_of_row = np.repeat(np.arange(len(store.shard_names)), np.diff(store.shard_offsets))
     picks = np.unique(np.linspace(0, total - 1, num=min(resample, total)).astype(np.int64))
-    mismatched = []
+    chunks, mismatched = store.chunks(), []
     for flat in picks:
         view, row = divmod(int(flat), clips)
         start, stop = store.shard_offsets[shard_of_row[row]], store.shard_offsets[shard_of_row[row] + 1]
-        expected = sample_view(spec.augment, spec.seed, keys[row], view, row - start, stop - start)
+        rng_key = chunk_rng_key(keys[row], int(chunks[row]))
+        expected = sample_view(spec.augment, spec.seed, rng_key, view, row - start, stop - start)
         if file["view_params"][view, row] != expected:
-            mismatched.append(f"{keys[row]}/view {view}")
+            mismatched.append(f"{rng_key}/view {view}")
     if not mismatched:
         return []
     return [f"{len(mismatched)} of {len(picks)} re-drawn parameter records differ from the stored ones (the recorded "
@@ -192,10 +202,10 @@ def _check_resampled(store: TeacherStore, keys: list[str], resample: int) -> lis
 def verify(path: str | Path, shards_dir: str | Path, augment: AugmentConfig | None = None, resample: int = 4096):
     """Check a store against its shards; return `info(path)`, or raise StoreError listing every problem.
 
-    Checks: readable and complete file; recorded fingerprint; shard manifest fingerprint; every manifest key present
-    exactly once, in the manifest's order, and no other key; every (clip, view) written; values finite within
+    Checks: readable and complete file; recorded fingerprint; shard manifest fingerprint; every chunk of every
+    manifest sample present exactly once, in the manifest's order, and no other row; every (row, view) written; values finite within
     [0, 1] and descending; indices within [0, num_classes) and distinct; augmentation parameters within bounds with
-    partners in the clip's mixup block; `resample` parameter records re-drawn from the recorded config and seed equal
+    partners in the row's mixup block; `resample` parameter records re-drawn from the recorded config and seed equal
     to the stored ones; and, when `augment` is given, the recorded augmentation config equal to it.
     """
     from ced_train.data import read_manifest
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             augment = _read_augment_yaml(args.augment) if args.augment else None
             summary = verify(args.path, args.shards, augment=augment, resample=args.resample)
-            print(f"verify {args.path}: ok ({summary['clips']} clips x {summary['views']} views, all present)")
+            print(f"verify {args.path}: ok ({summary['rows']} chunk rows x {summary['views']} views, all present)")
     except (StoreError, OSError, ValueError) as error:  # OSError: HDF5 data unreadable past an intact header
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,16 +1,20 @@
 """The store's on-disk layout, its format version, the spec that names a store, and the reader `TeacherStore`.
 
-Layout (format version 1), clips in shard-manifest order then each shard's stored order:
+Layout (format version 2). A row is one 10 s chunk of one sample (`ced_train.data.chunks`: every chunk of a
+sample, the last one kept when at least half a chunk); rows in shard-manifest order, then each shard's stored sample
+order, then chunk order:
 
-    keys           (clips,)            S<n>     clip keys, UTF-8
+    keys           (rows,)             S<n>     sample key of each row, UTF-8 (repeated for a sample's chunks)
+    chunks         (rows,)             int32    chunk index of each row within its sample
     shard_names    (shards,)           S<n>     shard names, manifest order
-    shard_offsets  (shards + 1,)       int64    shard i holds clips [offsets[i], offsets[i + 1])
-    topk_values    (views, clips, k)   float16  ensemble probabilities, descending
-    topk_indices   (views, clips, k)   int16    class indices; -1 marks a (clip, view) never written
-    view_params    (views, clips)      13-byte compound `augment.VIEW_PARAMS_DTYPE`
+    shard_offsets  (shards + 1,)       int64    shard i holds rows [offsets[i], offsets[i + 1])
+    topk_values    (views, rows, k)    float16  ensemble probabilities, descending
+    topk_indices   (views, rows, k)    int16    class indices; -1 marks a (row, view) never written
+    view_params    (views, rows)       13-byte compound `augment.VIEW_PARAMS_DTYPE`
 
-Chunks hold one view of `CHUNK_CLIPS` consecutive clips: the student reads one view of consecutive clips of a shard.
-Part files (one shard each, `writing.write_part`) have the same layout.
+Format 1 had one row per clip (its first 10 s only). HDF5 chunks hold one view of `CHUNK_CLIPS` consecutive rows: the
+student reads one view of consecutive rows of a shard. Part files (one shard each, `writing.write_part`) have the same
+layout.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import numpy as np
 
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHUNK_CLIPS = 1024
 INDEX_DTYPE = np.dtype("<i2")
 VALUE_DTYPE = np.dtype("<f2")
 MISSING_INDEX = -1
-DATASETS = ("keys", "shard_names", "shard_offsets", "topk_values", "topk_indices", "view_params")
+DATASETS = ("keys", "chunks", "shard_names", "shard_offsets", "topk_values", "topk_indices", "view_params")
 
 
 class StoreError(RuntimeError):
@@ -48,8 +52,8 @@ class StoreSpec:
         seed: the global seed keying the counter-based parameter generator.
         teachers: one `{"file": name, "sha256": hex, ...}` per teacher checkpoint, in ensemble order.
         averaging: how the ensemble combines teachers ("probs" or "logits").
-        top_k: outputs kept per (clip, view).
-        num_views: views per clip.
+        top_k: outputs kept per (row, view).
+        num_views: views per row (chunk).
         num_classes: classes of the teachers.
     """
 
@@ -110,19 +114,24 @@ class StoreSpec:
         return lines
 
 
-def create_layout(file: h5py.File, spec: StoreSpec, keys: list[str], shard_names: list[str], offsets: list[int]):
-    """Write the attributes and index datasets into a new file and create the (unfilled) per-view datasets."""
-    num_clips = len(keys)
+def create_layout(file: h5py.File, spec: StoreSpec, keys: list[str], chunks: np.ndarray, shard_names: list[str],
+                  offsets: list[int]):
+    """Write the attributes and index datasets into a new file and create the (unfilled) per-view datasets; `keys`
+    and `chunks` name the rows (see the module docstring)."""
+    num_rows = len(keys)
+    if len(chunks) != num_rows:
+        raise ValueError(f"{len(keys)} row keys but {len(chunks)} chunk indices")
     file.attrs.update(spec.to_attrs())
-    file.attrs["num_clips"] = num_clips
+    file.attrs["num_rows"] = num_rows
     encoded = [key.encode() for key in keys]
     file.create_dataset("keys", data=np.array(encoded, dtype=f"S{max(map(len, encoded), default=1)}"))
+    file.create_dataset("chunks", data=np.asarray(chunks, dtype=np.int32))
     names = [name.encode() for name in shard_names]
     file.create_dataset("shard_names", data=np.array(names, dtype=f"S{max(map(len, names), default=1)}"))
     file.create_dataset("shard_offsets", data=np.asarray(offsets, dtype=np.int64))
-    shape = (spec.num_views, num_clips)
+    shape = (spec.num_views, num_rows)
     # HDF5 refuses chunks larger than the data: a part of a shard without clips is stored contiguous (and empty).
-    chunk = (1, min(CHUNK_CLIPS, num_clips)) if num_clips else None
+    chunk = (1, min(CHUNK_CLIPS, num_rows)) if num_rows else None
     topk_chunk = chunk + (spec.top_k,) if chunk else None
     file.create_dataset("topk_values", shape=shape + (spec.top_k,), dtype=VALUE_DTYPE, chunks=topk_chunk)
     file.create_dataset(
@@ -159,14 +168,17 @@ class TeacherStore:
         try:
             version = int(file.attrs.get("format_version", -1))
             if version != FORMAT_VERSION:
-                raise StoreError(f"{self.path}: format version {version}, this code reads {FORMAT_VERSION}")
+                older = 0 < version < FORMAT_VERSION
+                raise StoreError(f"{self.path}: store format version {version}, this code reads {FORMAT_VERSION}"
+                                 + ("; it was written before stores held every 10 s chunk: re-run the teacher pass "
+                                    "with teach.overwrite=true" if older else ""))
             missing = [name for name in DATASETS if name not in file]
             if missing:
                 raise StoreError(f"{self.path}: missing datasets {missing}")
             self.spec = StoreSpec.from_attrs(file.attrs)
             self.shard_names = [name.decode() for name in file["shard_names"][:]]
             self.shard_offsets = file["shard_offsets"][:].tolist()
-            self.num_clips = int(file.attrs["num_clips"])
+            self.num_rows = int(file.attrs["num_rows"])
         except KeyError as error:
             raise StoreError(f"{self.path}: attribute or dataset {error} missing: not a teacher store") from error
 
@@ -205,10 +217,15 @@ class TeacherStore:
         return self.spec.top_k
 
     def keys(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Sample keys of rows `[start, stop)`."""
         return [key.decode() for key in self.file["keys"][start:stop]]
 
+    def chunks(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """`(n,)` int64 chunk indices of rows `[start, stop)`."""
+        return self.file["chunks"][start:stop].astype(np.int64)
+
     def shard_rows(self, shard_name: str) -> tuple[int, int]:
-        """`[start, stop)` store rows of shard `shard_name` (its clips in stored order)."""
+        """`[start, stop)` store rows of shard `shard_name`."""
         if shard_name not in self._shard_index:
             raise StoreError(f"{self.path}: no shard {shard_name!r} (store holds {len(self.shard_names)} shards)")
         i = self._shard_index[shard_name]

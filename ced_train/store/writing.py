@@ -38,6 +38,7 @@ def write_part(
     spec: StoreSpec,
     shard_name: str,
     keys: list[str],
+    chunks: np.ndarray,
     view_params: np.ndarray,
     topk_values: np.ndarray,
     topk_indices: np.ndarray,
@@ -45,7 +46,7 @@ def write_part(
     """Write the complete result for one shard (all views) atomically: temporary name, fsync, rename.
 
     Args:
-        keys: the shard's clip keys in stored order, `n` of them.
+        keys, chunks: sample key and chunk index of each of the shard's `n` rows (`data.chunks.ShardChunks`).
         view_params: `(views, n)` `VIEW_PARAMS_DTYPE`.
         topk_values: `(views, n, k)` probabilities (stored as float16); topk_indices: `(views, n, k)` class indices.
     """
@@ -61,7 +62,7 @@ def write_part(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_target(path)
     with h5py.File(tmp, "w") as file:
-        create_layout(file, spec, keys, [shard_name], [0, len(keys)])
+        create_layout(file, spec, keys, chunks, [shard_name], [0, len(keys)])
         file["view_params"][...] = view_params
         file["topk_values"][...] = topk_values.astype(VALUE_DTYPE)
         file["topk_indices"][...] = topk_indices.astype(INDEX_DTYPE)
@@ -69,11 +70,11 @@ def write_part(
     return path
 
 
-def part_is_complete(path: str | Path, spec: StoreSpec, shard_name: str, num_clips: int) -> bool:
+def part_is_complete(path: str | Path, spec: StoreSpec, shard_name: str, num_rows: int) -> bool:
     """True if `path` is a finished part of this spec for this shard.
 
     Raises:
-        StoreError: the part exists but was made from something else (a different spec, shard or clip count);
+        StoreError: the part exists but was made from something else (a different spec, shard or row count);
             it is never silently replaced.
     """
     path = Path(path)
@@ -83,7 +84,7 @@ def part_is_complete(path: str | Path, spec: StoreSpec, shard_name: str, num_cli
         with open_for_reading(path) as file:
             found = StoreSpec.from_attrs(file.attrs)
             names = [name.decode() for name in file["shard_names"][:]]
-            clips = int(file.attrs["num_clips"])
+            rows = int(file.attrs["num_rows"])
     except (OSError, KeyError) as error:
         raise StoreError(f"part {path} is unreadable ({error}); delete it to redo shard {shard_name}") from error
     if found.fingerprint() != spec.fingerprint():
@@ -92,8 +93,8 @@ def part_is_complete(path: str | Path, spec: StoreSpec, shard_name: str, num_cli
             f"{spec.fingerprint()}): {'; '.join(found.differences(spec))}. Delete it (or all of {path.parent}), or "
             "let the pass replace it (teach.overwrite=true)."
         )
-    if names != [shard_name] or clips != num_clips:
-        raise StoreError(f"part {path} holds {names} with {clips} clips, expected {shard_name} with {num_clips}")
+    if names != [shard_name] or rows != num_rows:
+        raise StoreError(f"part {path} holds {names} with {rows} rows, expected {shard_name} with {num_rows}")
     return True
 
 
@@ -109,13 +110,15 @@ def merge_parts(path: str | Path, spec: StoreSpec, parts: list[str | Path]) -> P
             if file.attrs["fingerprint"] != spec.fingerprint():
                 raise StoreError(f"part {part} has fingerprint {file.attrs['fingerprint']}, expected "
                                  f"{spec.fingerprint()}")
-            headers.append(([key.decode() for key in file["keys"][:]], file["shard_names"][0].decode()))
-    keys = [key for part_keys, _ in headers for key in part_keys]
-    offsets = np.cumsum([0] + [len(part_keys) for part_keys, _ in headers]).tolist()
+            headers.append(([key.decode() for key in file["keys"][:]], file["chunks"][:],
+                            file["shard_names"][0].decode()))
+    keys = [key for part_keys, _, _ in headers for key in part_keys]
+    chunks = np.concatenate([part_chunks for _, part_chunks, _ in headers]) if headers else np.zeros(0, np.int32)
+    offsets = np.cumsum([0] + [len(part_keys) for part_keys, _, _ in headers]).tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_target(path)
     with h5py.File(tmp, "w") as out:
-        create_layout(out, spec, keys, [name for _, name in headers], offsets)
+        create_layout(out, spec, keys, chunks, [name for _, _, name in headers], offsets)
         for part, start, stop in zip(parts, offsets[:-1], offsets[1:]):
             with open_for_reading(part) as file:
                 for name in ("topk_values", "topk_indices", "view_params"):
