@@ -239,6 +239,11 @@ class StageError(Exception):
 
     def __init__(self, stage: str, error: BaseException) -> None:
         lines = str(error).strip().splitlines() or [type(error).__name__]
+        if isinstance(error, InstantiationException) and error.__cause__ is not None:
+            # Hydra's first line only names the target; the reason is the cause's, the option its `full_key`.
+            key = next((line.strip() for line in lines if line.strip().startswith("full_key:")), None)
+            lines = str(error.__cause__).strip().splitlines() or [type(error.__cause__).__name__]
+            lines[0] += f" ({key})" if key else ""
         super().__init__(f"stage {stage}: {lines[0]}" + (" [...]" if len(lines) > 1 else ""))
 
 

@@ -14,6 +14,7 @@ import soundfile
 
 from ced_train.audio import SAMPLE_RATE
 from ced_train.data import iter_shard, read_manifest, read_skipped
+from ced_train.data.shards import encode_audio
 from ced_train.labels import load_class_labels
 from data_prep.audioset import AudioIndex, candidate_stems, main, read_segments
 from data_prep.sharding import MALFORMED, ShardingError, SourceRow, build_shards
@@ -328,3 +329,41 @@ def test_a_clip_below_a_symlinked_subdirectory_is_found(tmp_path):
     (tmp_path / "seg.csv").write_text(HEADER + 'aaaaaaaaaaa, 30.000, 40.000, "/m/09x0r"\n')
     (entry,) = read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES)
     assert isinstance(entry, SourceRow) and entry.source_file == "part2/aaaaaaaaaaa_30.000.wav"
+
+
+def test_a_whole_video_file_is_cut_to_the_segment_and_a_segment_file_is_taken_whole(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    video = (rng.standard_normal(60 * SAMPLE_RATE) * 0.1).astype(np.float32)
+    soundfile.write(audio / "vvvvvvvvvvv.wav", video, SAMPLE_RATE, subtype="FLOAT")  # a 60 s video
+    soundfile.write(audio / "wwwwwwwwwww.wav", video[: 10 * SAMPLE_RATE], SAMPLE_RATE, subtype="FLOAT")  # a segment
+    soundfile.write(audio / "xxxxxxxxxxx.wav", video[: 25 * SAMPLE_RATE], SAMPLE_RATE, subtype="FLOAT")  # neither
+    (tmp_path / "seg.csv").write_text(HEADER + 'vvvvvvvvvvv, 30.000, 40.000, "/m/09x0r"\n'
+                                               'wwwwwwwwwww, 170.000, 180.000, "/m/09x0r"\n'
+                                               'xxxxxxxxxxx, 170.000, 180.000, "/m/09x0r"\n')
+
+    report = build(read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES), tmp_path / "out")
+
+    clips = {clip.key: clip for clip in iter_shard(tmp_path / "out" / "shard-000000.tar", dtype="int16")}
+    expected = encode_audio(video[30 * SAMPLE_RATE : 40 * SAMPLE_RATE], "pcm16")[0]
+    assert clips["vvvvvvvvvvv_30000"].waveform.tobytes() == expected  # [30, 40) of the video, not its start
+    assert clips["vvvvvvvvvvv_30000"].meta["span_s"] == [30.0, 40.0]
+    assert clips["wwwwwwwwwww_170000"].waveform.tobytes() == encode_audio(video[: 10 * SAMPLE_RATE], "pcm16")[0]
+    [skip] = read_skipped(tmp_path / "out")
+    assert report.num_written == 2 and skip.reason == "unreadable" and "lasts 25.00 s" in skip.detail
+
+
+def test_two_segments_mapping_to_one_bare_video_file_are_each_refused_with_the_reason(tmp_path):
+    audio = tmp_path / "audio"
+    write_tone(audio / "vvvvvvvvvvv.wav", seconds=60.0)
+    write_tone(audio / "wwwwwwwwwww_0.000.wav")
+    (tmp_path / "seg.csv").write_text(HEADER + 'vvvvvvvvvvv, 0.000, 10.000, "/m/09x0r"\n'
+                                               'vvvvvvvvvvv, 30.000, 40.000, "/m/09x0r"\n'
+                                               'wwwwwwwwwww, 0.000, 1.000, "/m/09x0r"\n')
+
+    report = build(read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES), tmp_path / "out")
+
+    skips = read_skipped(tmp_path / "out")
+    assert report.num_written == 1 and [s.reason for s in skips] == ["ambiguous file", "ambiguous file"]
+    assert all("vvvvvvvvvvv.wav" in s.detail and "seg.csv:4, seg.csv:5" in s.detail for s in skips)

@@ -30,10 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, synthetic_train_shards):
-    """Two random `ced_test` teachers, the store of a 3-view teacher pass (2 s chunks) over the synthetic train
-    shards (21 clips in 3 shards, also the validation set here), written by the app's teach stage."""
+def tiny(tmp_path_factory):
+    """Two random `ced_test` teachers, the store of a 3-view teacher pass (2 s chunks) over 21 labelled clips of 2 s
+    (one chunk each) in 3 shards, also the validation set here, written by the app's teach stage."""
     root = tmp_path_factory.mktemp("distill")
+    train_shards = make_shards(root / "train", [2.0] * 21, samples_per_shard=8)
     teachers = []
     for seed in range(2):
         torch.manual_seed(seed)
@@ -41,7 +42,7 @@ def tiny(tmp_path_factory, synthetic_train_shards):
         torch.save({"model": create_model("ced_test").state_dict()}, teachers[-1])
     overrides = [
         f"paths.root_dir={root}", f"paths.output_dir={root}/run", f"paths.store_dir={root}/store",
-        f"data.train_shards={synthetic_train_shards}", f"data.val_shards={synthetic_train_shards}",
+        f"data.train_shards={train_shards}", f"data.val_shards={train_shards}",
         "data.batch_size=4", "data.eval_batch_size=8",
         "teachers=checkpoints", "teachers.name=random", f"teachers.checkpoints=[{teachers[0]},{teachers[1]}]",
         f"teach.views={VIEWS}", "teach.batch_size=16", "teach.progress=false", "augment.clip_samples=32000",
@@ -52,7 +53,7 @@ def tiny(tmp_path_factory, synthetic_train_shards):
     cfg = compose(["~local", "stages=[teach]", *overrides])
     run_stages(cfg)
     return {"root": root, "overrides": overrides, "store": cfg.store.path, "teachers": teachers,
-            "shards": str(synthetic_train_shards)}
+            "shards": str(train_shards)}
 
 
 def distill_cfg(tiny, out_dir, *extra):
@@ -108,7 +109,7 @@ def test_replayed_batches_are_exactly_what_the_teachers_saw_and_hold_no_labels(t
     dm = datamodule(tiny)
     for epoch in (0, 4):
         batches = list(epoch_batches(dm, epoch))
-        assert len(batches) == dm.num_batches == 5  # 21 clips // 4 (one rank)
+        assert len(batches) == dm.num_batches == 5  # 21 chunks // 4 (one rank)
         for batch in batches[:2]:
             assert isinstance(batch, DistillBatch) and not hasattr(batch, "labels")
             assert set(batch.views.tolist()) == {epoch % VIEWS}
@@ -144,9 +145,10 @@ def test_fresh_views_with_the_store_seed_are_still_not_the_stored_views(tiny):
     assert all(fresh[key] != stored[key] for key in fresh)
 
 
-def _params_by_key(dm: ViewsDataModule) -> dict[str, dict]:
+def _params_by_key(dm: ViewsDataModule) -> dict[tuple[str, int], dict]:
+    """View parameters of epoch 1 by (sample key, chunk)."""
     dm.set_epoch(1)
-    return {item["key"]: item["params"] for item in dm.train_set}
+    return {(item["key"], item["chunk"]): item["params"] for item in dm.train_set}
 
 
 MASKS = ("time_mask_start", "time_mask_frames", "freq_mask_start", "freq_mask_bins")

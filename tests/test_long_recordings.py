@@ -4,6 +4,8 @@ every 10 s chunk of every sample, each with its own views and store rows, replay
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import tarfile
 import tracemalloc
 
@@ -18,6 +20,7 @@ from ced_train.data import iter_shard, read_manifest
 from ced_train.data.shards import encode_audio
 from ced_train.data.chunks import chunk_count, chunk_rng_key
 from ced_train.labels import load_class_labels
+from ced_train.lightning.data import collate_distill
 from ced_train.rendering import ViewRenderer
 from ced_train.stages.teach import teacher_pass
 from ced_train.store import TeacherStore, verify
@@ -117,8 +120,11 @@ def test_a_95_s_file_yields_10_chunks_all_in_the_store_all_replayed_exactly(long
             seen.update(zip(batch["key"], batch["chunk"].tolist(), batch["view"].tolist()))
     assert seen == {(key, chunk, view) for key, chunk in rows for view in range(VIEWS)}
 
+    # Training batches name each chunk apart (`key#chunk`), so a sample's chunks are never mistaken for one another.
+    items = list(dataset.render(0, dataset.num_rows))
+    assert sorted(collate_distill(items).keys) == sorted(chunk_rng_key(key, chunk) for key, chunk in rows)
     # The last chunk of the second piece is its final 5 s, zero-padded to 10 s.
-    item = next(item for item in dataset.render(0, dataset.num_rows) if (item["key"], item["chunk"]) == ("rec-p0001", 3))
+    item = next(item for item in items if (item["key"], item["chunk"]) == ("rec-p0001", 3))
     np.testing.assert_array_equal(item["waveform"][: CHUNK // 2], clips["rec-p0001"][3 * CHUNK :])
     assert not item["waveform"][CHUNK // 2 :].any()
 
@@ -144,10 +150,23 @@ def peak_bytes_of_encoding(path, tmp_path, piece_samples: int) -> tuple[int, lis
         tracemalloc.stop()
 
 
-def test_decoding_streams_in_blocks_equal_to_the_whole_file_with_memory_bounded_by_the_piece(tmp_path):
-    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
-    write_noise(short, 100.0, rate=22050, seed=4)
-    write_noise(long, 480.0, rate=22050, seed=5)  # 8 min: 31 MB as float32 at 16 kHz
+def write_long(path, seconds: float, seed: int):
+    """Noise at 22.05 kHz as `path`: a WAV, or through ffmpeg a Matroska file that only ffmpeg decodes."""
+    wav = path.with_suffix(".wav")
+    write_noise(wav, seconds, rate=22050, seed=seed)
+    if path.suffix != ".wav":
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(wav), "-c:a", "pcm_s16le", str(path)],
+                       check=True, timeout=60)
+        wav.unlink()
+
+
+@pytest.mark.parametrize("ext", [".wav", pytest.param(".mka", marks=pytest.mark.skipif(
+    shutil.which("ffmpeg") is None, reason="the ffmpeg path needs the ffmpeg binary"))])
+def test_decoding_streams_in_blocks_equal_to_the_whole_file_with_memory_bounded_by_the_piece(tmp_path, ext):
+    short, long = tmp_path / f"short{ext}", tmp_path / f"long{ext}"
+    write_long(short, 100.0, seed=4)
+    write_long(long, 480.0, seed=5)  # 8 min: 31 MB as float32 at 16 kHz
+    assert AudioSource.open(long).via_ffmpeg == (ext != ".wav")
     whole = load_audio(long).waveform
     blocks = list(AudioSource.open(long).blocks(7 * SAMPLE_RATE))
     assert {len(b) for b in blocks[:-1]} == {7 * SAMPLE_RATE}

@@ -97,12 +97,18 @@ def test_unreadable_file_is_one_line_error_and_the_others_are_still_tagged(audio
     assert [r["file"] for r in json.loads(captured.out)["results"]] == [str(audio_files / "a.wav")]
 
 
-def test_wrong_checkpoint_is_one_line_error_naming_it(audio_files, tmp_path, capsys):
+@pytest.mark.parametrize("tool", ["tag", "export"])
+def test_wrong_checkpoint_is_one_line_error_naming_it_and_writes_nothing(audio_files, tmp_path, capsys, tool):
     bad = tmp_path / "not_a_model.pt"
     torch.save({"model": {"weight": torch.zeros(2)}}, bad)
-    assert tag.main([str(audio_files / "a.wav"), "--checkpoint", str(bad)]) == 2
+    out = tmp_path / "model.onnx"
+    if tool == "tag":
+        assert tag.main([str(audio_files / "a.wav"), "--checkpoint", str(bad)]) == 2
+    else:
+        assert export.main(["--checkpoint", str(bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(bad) in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0]
+    assert not out.exists()
 
 
 def test_onnx_export_matches_torch_on_several_lengths(tmp_path, checkpoint, capsys):

@@ -27,7 +27,8 @@ def _pinned(batch):
 @dataclass
 class SupervisedBatch:
     """inputs: the views (`ViewInputs`, rendered to `(batch, 64, frames)` log-mel dB before the model's mel
-    BatchNorm); labels: `(batch, classes)` float32 multi-hot labels, mixed like the inputs for mixed views."""
+    BatchNorm); labels: `(batch, classes)` float32 multi-hot labels, mixed like the inputs for mixed views; keys: each
+    view's chunk (`chunks.chunk_rng_key`: the sample key for a first chunk, `key#chunk` for the others)."""
 
     inputs: ViewInputs
     labels: torch.Tensor
@@ -43,7 +44,7 @@ class SupervisedBatch:
 class DistillBatch:
     """inputs: the views (`ViewInputs`); topk_values: `(batch, k)` float32 ensemble probabilities of those same
     views; topk_indices: `(batch, k)` int64 class indices; views: `(batch,)` int64 store view each row was read
-    from."""
+    from; keys: each view's chunk, as in `SupervisedBatch`."""
 
     inputs: ViewInputs
     topk_values: torch.Tensor

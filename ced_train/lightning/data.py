@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ced_train.augment import AugmentConfig, ViewSampler, distill_sampler
 from ced_train.data import ClipStream, collate_clips, read_manifest
+from ced_train.data.chunks import chunk_rng_key
 from ced_train.data.stream import contiguous_part
 from ced_train.lightning.batches import DistillBatch, SupervisedBatch
 from ced_train.rendering import collate_views
@@ -33,7 +34,7 @@ def collate_supervised(items: list[dict]) -> SupervisedBatch:
     return SupervisedBatch(
         inputs=collate_views(items),
         labels=torch.stack([item["labels"] for item in items]),
-        keys=[item["key"] for item in items],
+        keys=[chunk_rng_key(item["key"], item["chunk"]) for item in items],
     )
 
 
@@ -44,7 +45,7 @@ def collate_distill(items: list[dict]) -> DistillBatch:
         topk_values=torch.stack([item["topk_values"] for item in items]),
         topk_indices=torch.stack([item["topk_indices"] for item in items]),
         views=torch.tensor([item["view"] for item in items]),
-        keys=[item["key"] for item in items],
+        keys=[chunk_rng_key(item["key"], item["chunk"]) for item in items],
     )
 
 

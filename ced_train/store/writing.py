@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -23,14 +26,25 @@ from ced_train.store.format import (
 )
 
 
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def _finish_atomically(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write; fsynced and renamed to `path` when the block ends, removed when it
+    raises (a full disk leaves no partial file)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except RuntimeError as error:  # HDF5 reports a failed write (a full disk) as a RuntimeError, often on close
+        tmp.unlink(missing_ok=True)
+        failed = re.search(r"errno = (\d+), error message = '([^']*)'", str(error))
+        if failed is None:
+            raise
+        raise OSError(int(failed[1]), f"{failed[2]} (writing {path})") from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_part(
@@ -60,13 +74,11 @@ def write_part(
         if array.shape != shape:
             raise ValueError(f"part {shard_name}: {name} has shape {array.shape}, expected {shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
-    with h5py.File(tmp, "w") as file:
+    with _atomic_file(path) as tmp, h5py.File(tmp, "w") as file:
         create_layout(file, spec, keys, chunks, [shard_name], [0, len(keys)])
         file["view_params"][...] = view_params
         file["topk_values"][...] = topk_values.astype(VALUE_DTYPE)
         file["topk_indices"][...] = topk_indices.astype(INDEX_DTYPE)
-    _finish_atomically(tmp, path)
     return path
 
 
@@ -116,14 +128,12 @@ def merge_parts(path: str | Path, spec: StoreSpec, parts: list[str | Path]) -> P
     chunks = np.concatenate([part_chunks for _, part_chunks, _ in headers]) if headers else np.zeros(0, np.int32)
     offsets = np.cumsum([0] + [len(part_keys) for part_keys, _, _ in headers]).tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
-    with h5py.File(tmp, "w") as out:
+    with _atomic_file(path) as tmp, h5py.File(tmp, "w") as out:
         create_layout(out, spec, keys, chunks, [name for _, _, name in headers], offsets)
         for part, start, stop in zip(parts, offsets[:-1], offsets[1:]):
             with open_for_reading(part) as file:
                 for name in ("topk_values", "topk_indices", "view_params"):
                     out[name][:, start:stop] = file[name][...]
-    _finish_atomically(tmp, path)
     return path
 
 
@@ -179,8 +189,12 @@ class StoreLock:
     @classmethod
     def _create(cls, path: Path, holder: dict) -> "StoreLock":
         descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(holder, handle)
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(holder, handle)
+        except BaseException:  # a full disk: an empty lock file would block every later pass
+            path.unlink(missing_ok=True)
+            raise
         return cls(path, holder)
 
     def release(self) -> None:
