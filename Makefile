@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export,slurm]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export,slurm,official]'
 	touch $@
 
 # Not part of CI (a second torch install, several GB): the dependency floors of pyproject.toml, installed exactly.
@@ -25,9 +25,9 @@ test-floors:
 	$(PYTHON) -m venv $(FLOORS_VENV)
 	$(FLOORS_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(PYTHON) -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	reqs = p['dependencies'] + [r for extra in ('dev', 'export', 'slurm') for r in p['optional-dependencies'][extra]]; \
+	reqs = p['dependencies'] + [r for extra in ('dev', 'export', 'slurm', 'official') for r in p['optional-dependencies'][extra]]; \
 	print('\n'.join(re.sub(r'>=', '==', r) for r in reqs if '>=' in r))" > $(FLOORS_VENV)/floors.txt
-	$(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/floors.txt -e '.[dev,export,slurm]'
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/floors.txt -e '.[dev,export,slurm,official]'
 	$(FLOORS_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|lightning|numpy|timm|onnxruntime)=='
 	$(FLOORS_VENV)/bin/python -m pytest -q $(FLOORS_TESTS)
 
