@@ -4,6 +4,8 @@ distillation, and applied by `apply`, the one implementation used on both sides.
 A view of a clip is rendered on the CED front-end grid (10 ms frames, 64 mel bins) of a fixed 10 s chunk, in dB,
 before the model's mel BatchNorm, in this order:
 
+0. only in views re-derived from the reference's released outputs (`store.official`): a circular shift of the
+   chunk's own waveform samples before it is padded (`shift_chunk`), in the loader;
 1. circular time shift of the clip's log-mel by `shift_frames` (applied with probability `shift_prob`);
 2. mixup with a partner clip of the same shard: `(1 - w) * own + w * partner`, where `partner` is the partner's
    un-augmented log-mel and `w = partner_weight_q / 255` (the weight is quantised before it is applied, so the stored
@@ -207,6 +209,13 @@ def check_params(params: np.ndarray, frames: int, shard_clips: int | None = None
         problems.append(f"partner_row beyond the shard's {shard_clips} clips")
     if problems:
         raise ValueError("view parameters out of bounds: " + "; ".join(problems))
+
+
+def shift_chunk(chunk: np.ndarray, shift_samples: int) -> np.ndarray:
+    """A view's waveform step: `(samples,)` `chunk`, its own samples before padding, rolled circularly by
+    `shift_samples` (positive moves content later), as the reference's waveform shift did. Views drawn here leave it
+    at 0 and shift frames instead."""
+    return np.roll(chunk, shift_samples) if shift_samples else chunk
 
 
 def fixed_length(waveform: np.ndarray, clip_samples: int) -> np.ndarray:

@@ -16,7 +16,8 @@ Three ways to use it:
   view of every row in batches that never span shards;
 - consistent distillation ("replay"): `ViewDataset(shards, store=path)` yields view `epoch % V` of each row with the
   parameters read from the store and the stored top-k targets with it: rendered, the input the teachers saw, bit for
-  bit on the same device type;
+  bit on the same device type (a store of the paper's released outputs adds a waveform shift per view, applied here
+  to the chunk's own samples before padding, and holds the chunks the release covers: those are the rows);
 - no consistency / supervised ("fresh"): `ViewDataset(shards, sampler=ViewSampler(cfg, other_seed), store=path | None)`
   draws new parameters for every epoch; with `ViewSampler(..., reference=True)` and a store, the reference's
   `disable_consistency` views (no shift, fresh masks, the stored mixup).
@@ -42,9 +43,10 @@ from ced_train.augment import (
     check_params,
     fixed_length,
     mix_labels,
+    shift_chunk,
 )
 from ced_train.data import ShardInfo, iter_shard, read_manifest
-from ced_train.data.chunks import ShardChunks, shard_chunks
+from ced_train.data.chunks import ShardChunks, covered_chunks, shard_chunks
 from ced_train.rendering import collate_views
 from ced_train.store import StoreError, TeacherStore
 
@@ -125,9 +127,17 @@ class ViewDataset(IterableDataset):
         self._layouts: dict[str, ShardChunks] = {}
 
     def layout(self, shard: ShardInfo) -> ShardChunks:
-        """The store rows of `shard` (its chunks)."""
+        """The store rows of `shard`: its chunks, or with a store of the paper's released outputs the chunks that
+        store covers."""
         if shard.name not in self._layouts:
-            self._layouts[shard.name] = shard_chunks(shard, self.augment.clip_samples)
+            layout = shard_chunks(shard, self.augment.clip_samples)
+            if self.store is not None and self.store.spec.official:
+                start, stop = self.store.shard_rows(shard.name)
+                try:
+                    layout = covered_chunks(layout, self.store.keys(start, stop), self.store.chunks(start, stop))
+                except ValueError as error:
+                    raise StoreError(f"store {self.store.path}, shard {shard.name}: {error}") from error
+            self._layouts[shard.name] = layout
         return self._layouts[shard.name]
 
     def set_epoch(self, epoch: int) -> None:
@@ -216,8 +226,9 @@ class ViewDataset(IterableDataset):
             block_clips = [decoded[i] for i in samples]
             expected = [layout.keys[row] for row in rows]
             chunks = layout.chunks[rows.start : rows.stop]
-            waveforms = [fixed_length(clip.waveform[int(c) * chunk_samples :], chunk_samples)
-                         for clip, c in zip(block_clips, chunks)]
+            own = [clip.waveform[int(c) * chunk_samples : (int(c) + 1) * chunk_samples]
+                   for clip, c in zip(block_clips, chunks)]
+            waveforms = [fixed_length(chunk, chunk_samples) for chunk in own]
             labels = torch.zeros(len(block_clips), self.num_classes)
             for i, clip in enumerate(block_clips):
                 labels[i, clip.labels] = 1.0
@@ -227,15 +238,16 @@ class ViewDataset(IterableDataset):
             if self.shuffle:
                 random.Random(f"{self.seed}/{self.epoch}/{shard.name}/{block_start}").shuffle(order)
             for pos in order[lo:hi]:
-                for view, (columns, partners, mixed, values, indices) in views.items():
-                    partner = int(partners[pos])
+                for view, (columns, shifts, partners, mixed, values, indices) in views.items():
+                    partner, shift = int(partners[pos]), int(shifts[pos])
                     item = {
                         "key": expected[pos],
                         "chunk": int(chunks[pos]),
                         "shard": shard.name,
                         "row": block_start + pos,
                         "view": view,
-                        "waveform": waveforms[pos],
+                        "waveform": fixed_length(shift_chunk(own[pos], shift), chunk_samples) if shift
+                        else waveforms[pos],
                         "partner_row": block_start + partner,
                         "partner_waveform": waveforms[partner],
                         "params": {name: int(column[pos]) for name, column in columns.items()},
@@ -249,8 +261,9 @@ class ViewDataset(IterableDataset):
     def _block_views(self, shard: ShardInfo, store_start: int, block_start: int, labels: torch.Tensor,
                      view: int) -> tuple:
         """One view of the `len(labels)` rows of the mixup block at `block_start`: parameter columns (numpy int64),
-        partner places in the block (own place without a partner), labels mixed like the inputs, and with a store
-        the top-k values `(n, k)` float32 and indices `(n, k)` int64 (else None)."""
+        waveform shifts `(n,)` (`augment.shift_chunk`: the stored ones when replaying, else 0), partner places in
+        the block (own place without a partner), labels mixed like the inputs, and with a store the top-k values
+        `(n, k)` float32 and indices `(n, k)` int64 (else None)."""
         size = len(labels)
         rows = np.arange(block_start, block_start + size)
         values = indices = stored = None
@@ -260,8 +273,10 @@ class ViewDataset(IterableDataset):
         layout = self.layout(shard)
         if stored is not None:
             check_params(stored, self.augment.frames, len(layout))
+        shifts = np.zeros(size, np.int64)
         if self.sampler is None:
             params = stored
+            shifts = self.store.shift_samples(view, store_start + block_start, store_start + block_start + size)
         else:
             counter = view if self.views is not None else self.epoch
             params = self.sampler.sample(layout.rng_keys[block_start : block_start + size], [counter] * size,
@@ -274,7 +289,7 @@ class ViewDataset(IterableDataset):
                              f"outside its mixup block [{block_start}, {block_start + size})")
         partners = np.where(partner_row >= 0, partner_row - block_start, np.arange(size))
         columns = {name: params[name].astype(np.int64) for name in params.dtype.names}
-        return columns, partners, mix_labels(labels, labels[partners], params), values, indices
+        return columns, shifts, partners, mix_labels(labels, labels[partners], params), values, indices
 
     def _store_rows(self, shard: ShardInfo, layout: ShardChunks) -> int:
         """First store row of `shard`, after checking the store holds exactly its chunk rows."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +15,20 @@ import pytest
 import soundfile
 import torch
 
+from ced_train.__main__ import compose, run_stages
 from ced_train.audio import SAMPLE_RATE
 from ced_train.augment import apply, params_to_columns
+from ced_train.data.chunks import chunk_rng_key
+from ced_train.labels import load_class_labels
 from ced_train.models.frontend import LogMelFrontEnd, num_frames
-from ced_train.store import StoreError
-from ced_train.store.official import official_parts, official_view, read_official_part
+from ced_train.rendering import ViewRenderer
+from ced_train.store import StoreError, TeacherStore, verify
+from ced_train.store.official import import_official, official_parts, official_view, read_official_part
+from ced_train.views import ViewDataset, collate_items
+from data_prep.sharding import SourceRow, build_shards
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_logits"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_seed_draws_equal_the_reference_global_generator_of_torch_2_0_1():
@@ -101,3 +110,110 @@ def test_a_part_without_its_parquet_or_with_rows_that_disagree_is_one_error_nami
         read_official_part(logits / "logits_ep1_0.h5")
     with pytest.raises(StoreError, match="holds no logits_ep"):
         official_parts(tmp_path)
+
+
+def fixture_shards(out: Path, clips: dict[str, Path]) -> Path:
+    """Labelled shards of `clips` (key -> audio file), clip i labelled with class i, as data_prep writes them."""
+    classes = load_class_labels()
+    rows = [SourceRow(key, key, path, path.name, (i,), (classes.mids[i],)) for i, (key, path) in enumerate(clips.items())]
+    build_shards(rows, out, classes, tool="test", labelled=True, samples_per_shard=3, workers=1, progress=False)
+    return out
+
+
+def release_clips() -> dict[str, Path]:
+    return {path.stem: path for path in sorted((FIXTURE / "audio").glob("clip_*.flac"))}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> dict:
+    """The fixture's release imported onto shards of its four clips (the 10, 7.3, 16 and 23.5 s files: 6 chunks)."""
+    root = tmp_path_factory.mktemp("official")
+    shards = fixture_shards(root / "shards", release_clips())
+    report = import_official(FIXTURE / "logits", shards, root / "paper.h5", time_axis="chunk", progress=False)
+    return {"root": root, "shards": shards, "store": report.store, "report": report}
+
+
+def test_the_import_covers_every_chunk_and_verifies(imported):
+    report = imported["report"]
+    assert (report.rows, report.views, report.chunks, report.release_rows, report.left_out) == (6, 2, 6, 6, [])
+    summary = verify(imported["store"], imported["shards"])
+    assert summary["view_source"] == "official:chunk" and summary["coverage"] == 1.0
+    with TeacherStore(imported["store"]) as store:
+        assert sorted(zip(store.keys(), store.chunks().tolist())) == [
+            ("clip_a", 0), ("clip_b", 0), ("clip_c", 0), ("clip_c", 1), ("clip_d", 0), ("clip_d", 1)]
+
+
+def test_imported_views_replay_the_reference_teacher_inputs_and_targets(imported):
+    """Distillation's data path on the imported store renders, for every stored (chunk, view), the input the
+    reference's teacher saw (its first frames for chunks under 10 s, which this project pads to 10 s: the reference
+    batch of one held the chunk alone) and carries that row's released top-20."""
+    expected = np.load(FIXTURE / "expected.npz")
+    rows = {(Path(row["filename"]).stem, round(row["start"] / 10), row["epoch"] - 1): row
+            for row in json.loads((FIXTURE / "rows.json").read_text())}
+    parts = {part.view - 1: part for part in map(read_official_part, official_parts(FIXTURE / "logits"))}
+    dataset, seen = ViewDataset(imported["shards"], store=imported["store"]), set()
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_items):
+            rendered = ViewRenderer()(batch["inputs"])
+            for i, (key, chunk, view) in enumerate(zip(batch["key"], batch["chunk"].tolist(), batch["view"].tolist())):
+                row = rows[(key, chunk, view)]
+                reference = torch.from_numpy(expected[f"ep{view + 1}_row{row['row']}"].astype(np.float32))
+                frames = row["frames"] - (2 if row["frames"] < 1001 else 0)  # the last 2 frames see the padding
+                torch.testing.assert_close(rendered[i, :, :frames], reference[:, :frames], atol=0.035, rtol=0)
+                part = parts[view]
+                assert torch.equal(batch["topk_indices"][i], torch.from_numpy(part.topk_indices[row["row"]]).long())
+                seen.add((key, chunk, view))
+    assert len(seen) == 12
+
+
+def test_release_rows_without_a_shard_chunk_and_chunks_without_a_row_are_each_reported(tmp_path):
+    clips = release_clips()
+    del clips["clip_d"]  # its 2 rows in each view match no shard sample
+    extra = tmp_path / "clip_e.flac"
+    soundfile.write(extra, np.zeros(4 * SAMPLE_RATE, np.float32) + 0.01, SAMPLE_RATE, subtype="PCM_16")
+    shards = fixture_shards(tmp_path / "shards", {**clips, "clip_e": extra})  # a chunk the release lacks
+    store = tmp_path / "paper.h5"
+    result = subprocess.run([sys.executable, "-m", "ced_train.store", "import-official", str(FIXTURE / "logits"),
+                             "--shards", str(shards), "--out", str(store), "--time-axis", "chunk", "--no-progress"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    accounting = tmp_path / "paper.left_out.tsv"
+    assert f"left out: 1 uncovered chunks, 4 unmatched rows (listed in {accounting})" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == f"store: {store}"
+    lines = accounting.read_text().splitlines()
+    assert lines[0] == "kind\twhere\tdetail" and len(lines) == 6
+    assert sum(line.startswith("unmatched row\tlogits_ep") and "clip_d.flac" in line for line in lines) == 4
+    assert "uncovered chunk\tclip_e#0\t" in "\n".join(lines)
+    with TeacherStore(store) as opened:
+        assert opened.num_rows == 4
+    again = subprocess.run([sys.executable, "-m", "ced_train.store", "import-official", str(FIXTURE / "logits"),
+                            "--shards", str(shards), "--out", str(store)], capture_output=True, text=True, timeout=120,
+                           cwd=REPO)
+    assert again.returncode == 1 and again.stderr.strip() == f"error: --out {store} exists; pass --overwrite to replace it"
+
+
+def test_a_changed_seed_fails_verify_naming_the_row(imported, tmp_path):
+    store = tmp_path / "edited.h5"
+    shutil.copy(imported["store"], store)
+    import h5py
+
+    with h5py.File(store, "r+") as file:
+        file["seeds"][1, 2] += 1
+        name = chunk_rng_key(file["keys"][2].decode(), int(file["chunks"][2]))
+    with pytest.raises(StoreError, match=rf"1 of 12 re-drawn parameter records differ .*: {name}/view 1$"):
+        verify(store, imported["shards"])
+
+
+def test_a_shrunk_distillation_from_the_imported_store_runs(imported, tmp_path):
+    cfg = compose(["~local", "stages=[distill]", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+                   f"data.train_shards={imported['shards']}", f"data.val_shards={imported['shards']}",
+                   f"store.path={imported['store']}", "teachers=checkpoints", "teachers.name=paper",
+                   "teachers.checkpoints=[]", "data.batch_size=2", "data.eval_batch_size=2",
+                   "model@distill.model=ced_test", "distill.trainer.max_epochs=2",
+                   "distill.trainer.check_val_every_n_epoch=1", "distill.optim.scheduler.warmup_steps=1",
+                   "callbacks.average_best.num_best=1", f"distill.out_dir={tmp_path}/distill", "trainer=cpu",
+                   "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv"])
+    results, _ = run_stages(cfg)
+    assert results["distill"]["steps"] == 2 * 3  # 6 chunk rows // 2 per epoch
+    assert (tmp_path / "distill" / "student.ckpt").is_file()

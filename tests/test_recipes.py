@@ -27,10 +27,12 @@ from ced_train.lightning.callbacks import AverageBestCheckpoints
 from ced_train.lightning.losses import TopKBCE
 from ced_train.models.registry import variant_dims
 from ced_train.stages import build_trainer
+from ced_train.stages.evaluate import systems_of
 
 REPO = CONFIG_DIR.parent
 RECIPES = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
-AUDIOSET_RECIPES = [name for name in RECIPES if name.startswith("audioset_")]
+AUDIOSET_RECIPES = [name for name in RECIPES if re.fullmatch(r"audioset_[a-z]+_(balanced|full)", name)]
+PAPER_TARGET_RECIPES = [name for name in RECIPES if name.endswith("_paper_targets")]
 RECIPES_DOC = REPO / "docs" / "recipes.md"
 ENV_VARS = ("AUDIOSET_DIR", "CED_CHECKPOINTS_DIR", "CED_DATA_DIR", "CED_RUNS_DIR", "CED_ROOT", "SLURM_PARTITION",
             "SLURM_ACCOUNT")
@@ -78,6 +80,25 @@ def split(recipe: str) -> tuple[str, str]:
 def test_every_recipe_file_is_discovered_and_the_audioset_grid_is_complete():
     assert "tiny_distill" in RECIPES
     assert sorted(AUDIOSET_RECIPES) == sorted(f"audioset_{s}_{d}" for s in SIZES for d in SUBSETS)
+    assert sorted(PAPER_TARGET_RECIPES) == sorted(f"{name}_paper_targets" for name in AUDIOSET_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", PAPER_TARGET_RECIPES)
+def test_paper_target_recipe_is_its_audioset_recipe_on_the_imported_store_without_teachers(recipe, tmp_path, env):
+    """Everything the student's training reads is the audioset recipe's; only the store (imported, not made by a
+    teacher pass) and the teacher systems (none to evaluate) differ."""
+    base = recipe.removesuffix("_paper_targets")
+    paper, plain = compose_recipe(recipe, tmp_path), compose_recipe(base, tmp_path)
+    leaves = dict(_leaves(OmegaConf.to_container(paper, resolve=False)))
+    reference = dict(_leaves(OmegaConf.to_container(plain, resolve=False)))
+    assert leaves.keys() == reference.keys()
+    differing = {"name", "teachers.name", "teachers.checkpoints"}
+    if list(plain.stages) != ["distill", "evaluate"]:  # the balanced recipes prepare and teach in the same run
+        differing.add("stages")
+    assert {key for key in leaves if leaves[key] != reference[key]} == differing
+    assert list(paper.stages) == ["distill", "evaluate"] and list(paper.teachers.checkpoints) == []
+    assert paper.store.path == f"{tmp_path}/data/store/paper_ensemble5014/{plain.data.name}.h5"
+    assert systems_of(paper) == {"student": [f"{paper.distill.out_dir}/student.ckpt"]}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -253,9 +274,9 @@ def documented_commands() -> list[tuple[dict[str, str], list[str], bool]]:
             pending += raw.rstrip()[:-1] + " "
             continue
         line, pending = pending + raw, ""
-        if "ced_train" not in line.split("#", 1)[0]:
-            continue
         tokens = shlex.split(line, comments=True)
+        if "ced_train" not in tokens:  # other lines, and the other entry points (python -m ced_train.store ...)
+            continue
         at = tokens.index("ced_train")
         environment = dict(token.split("=", 1) for token in tokens[:at] if re.fullmatch(r"[A-Z_]+=.*", token))
         overrides, multirun, args = [], False, iter(tokens[at + 1 :])

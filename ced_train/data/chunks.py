@@ -65,3 +65,19 @@ def num_chunks(shards: list[ShardInfo], chunk_samples: int) -> int:
     """Store rows of `shards` together."""
     return sum(chunk_count(n, chunk_samples, offset)
                for shard in shards for n, offset in zip(shard.lengths, shard.offsets))
+
+
+def covered_chunks(layout: ShardChunks, keys: list[str], chunks: np.ndarray) -> ShardChunks:
+    """The rows `(keys[i], chunks[i])` of `layout`, which must be among its rows and in its order (a store of the
+    paper's released outputs holds the chunks the release covers); a `ValueError` names the first that is not."""
+    place = {(key, int(chunk)): i for i, (key, chunk) in enumerate(zip(layout.keys, layout.chunks))}
+    rows, last = [], -1
+    for key, chunk in zip(keys, np.asarray(chunks).tolist()):
+        row = place.get((key, chunk))
+        if row is None or row <= last:
+            raise ValueError(f"row ({key!r}, chunk {chunk}) is " + ("not a chunk of the shard" if row is None
+                                                                   else "out of the shard's order"))
+        rows.append(row)
+        last = row
+    rows = np.asarray(rows, dtype=np.int64)
+    return ShardChunks(tuple(keys), layout.sample_rows[rows], layout.chunks[rows])

@@ -243,6 +243,15 @@ def iter_shard(path: str | Path, start: int = 0, stop: int | None = None, dtype:
         yield decode_sample(current_key, members, path.name, dtype)
 
 
+def iter_records(path: str | Path) -> Iterator[dict]:
+    """The JSON records of one shard's samples, in stored order, without decoding any audio."""
+    path = Path(path)
+    with tarfile.open(path, "r|") as tar:
+        for info in tar:
+            if info.isreg() and _split_member_name(info.name, path.name)[1] == "json":
+                yield json.loads(tar.extractfile(info).read())
+
+
 def read_shard(path: str | Path) -> dict[str, Clip]:
     """All clips of one shard by key, in stored order. Holds every waveform in memory (about 640 kB per 10 s clip);
     `ShardReader` gives the same mapping but decodes on access."""

@@ -30,7 +30,8 @@ def run(cfg: DictConfig) -> dict:
     stage = cfg.distill
     store_path = Path(cfg.store.path)
     if not store_path.is_file():
-        raise StoreError(f"no teacher store at store.path={store_path}: run stage teach first (stages=[teach,distill])")
+        raise StoreError(f"no teacher store at store.path={store_path}: run stage teach first (stages=[teach,distill]), "
+                         "or import the paper's released outputs there (python -m ced_train.store import-official)")
     spec = TeacherStore(store_path).spec
     train_manifest = read_manifest(cfg.data.train_shards)
     val_manifest = read_manifest(cfg.data.val_shards)

@@ -33,9 +33,13 @@ BASELINE = "baseline_logreg"
 
 
 def systems_of(cfg: DictConfig) -> dict[str, list[str]]:
-    """`evaluate.systems` (name → checkpoint or list of checkpoints) plus `evaluate.checkpoint` named after its file."""
+    """`evaluate.systems` (name → checkpoint or list of checkpoints) plus `evaluate.checkpoint` named after its file.
+    A system of no checkpoints (`teachers` of a run on imported teacher outputs) is left out, and logged."""
     systems = {name: [paths] if isinstance(paths, str) else list(paths)
                for name, paths in OmegaConf.to_container(cfg.evaluate.systems, resolve=True).items()}
+    for name in [name for name, paths in systems.items() if not paths]:
+        log.info("evaluate: system %s has no checkpoints: left out", name)
+        del systems[name]
     if cfg.evaluate.checkpoint:
         systems[Path(cfg.evaluate.checkpoint).stem] = [str(cfg.evaluate.checkpoint)]
     if not systems:

@@ -4,6 +4,9 @@ command line in `checks`; layout and reasons in docs/store.md.
 
     python -m ced_train.store info PATH
     python -m ced_train.store verify PATH --shards DIR [--augment configs/augment/ced.yaml]
+    python -m ced_train.store import-official LOGITS_DIR --shards DIR --out STORE
+
+The paper's released teacher outputs and their views re-derived from seeds: `official`.
 """
 
 from ced_train.store.checks import info, main, verify

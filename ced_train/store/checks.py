@@ -2,6 +2,7 @@
 
     python -m ced_train.store info PATH
     python -m ced_train.store verify PATH --shards DIR [--augment configs/augment/ced.yaml]
+    python -m ced_train.store import-official LOGITS_DIR --shards DIR --out STORE [--time-axis batch|chunk]
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ import h5py
 import numpy as np
 
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig, check_params, sample_view
-from ced_train.data.chunks import chunk_rng_key, shard_chunks
+from ced_train.data.chunks import ShardChunks, chunk_rng_key, covered_chunks, shard_chunks
+from ced_train.models.frontend import num_frames
 from ced_train.store.format import (
     CHUNK_CLIPS,
     FORMAT_VERSION,
     INDEX_DTYPE,
     MISSING_INDEX,
+    OFFICIAL_BATCH,
     VALUE_DTYPE,
     StoreError,
     StoreSpec,
     TeacherStore,
 )
+from ced_train.store.official import TIME_AXES, import_official, official_view
 
 
 def info(path: str | Path) -> dict:
@@ -60,6 +64,7 @@ def info(path: str | Path) -> dict:
             "averaging": spec.averaging,
             "seed": spec.seed,
             "augment": json.loads(spec.augment.to_json()),
+            "view_source": spec.view_source,
         }
 
 
@@ -130,6 +135,8 @@ def _check_shapes(store: TeacherStore) -> list[str]:
         "chunks": (clips,),
         "shard_offsets": (len(store.shard_names) + 1,),
     }
+    if spec.official:
+        shapes.update(shift_samples=(spec.num_views, clips), seeds=(spec.num_views, clips))
     problems = [f"{name} has shape {file[name].shape}, expected {shape}" for name, shape in shapes.items()
                 if file[name].shape != shape]
     if store.shard_offsets[-1] != clips:
@@ -146,6 +153,8 @@ def _check_keys(store: TeacherStore, keys: list[str], manifest) -> list[str]:
     if duplicates:
         problems.append(f"(key, chunk) rows stored more than once: {_examples(duplicates)}")
     layouts = [shard_chunks(shard, chunk_samples) for shard in manifest.shards]
+    if store.spec.official:  # the chunks the release covers, in the shards' order
+        return problems + _check_covered_keys(store, layouts, manifest)
     expected = [(key, int(chunk)) for layout in layouts for key, chunk in zip(layout.keys, layout.chunks)]
     absent, foreign = sorted(set(expected) - set(rows)), sorted(set(rows) - set(expected))
     if absent:
@@ -162,6 +171,31 @@ def _check_keys(store: TeacherStore, keys: list[str], manifest) -> list[str]:
     return problems
 
 
+def _check_covered_keys(store: TeacherStore, layouts: list[ShardChunks], manifest) -> list[str]:
+    """A store of released outputs: per manifest shard, its rows are chunks of that shard, in its order."""
+    if store.shard_names != [shard.name for shard in manifest.shards]:
+        return [f"shards {_examples(store.shard_names)} are not the manifest's {_examples(s.name for s in manifest.shards)}"]
+    problems = []
+    for shard, layout in zip(manifest.shards, layouts):
+        start, stop = store.shard_rows(shard.name)
+        try:
+            covered_chunks(layout, store.keys(start, stop), store.chunks(start, stop))
+        except ValueError as error:
+            problems.append(f"shard {shard.name}: {error}")
+    return problems
+
+
+def _chunk_lengths(store: TeacherStore, manifest) -> np.ndarray:
+    """`(rows,)` own samples of each store row's chunk (before padding)."""
+    chunk_samples, lengths = store.spec.augment.clip_samples, []
+    for shard in manifest.shards:
+        start, stop = store.shard_rows(shard.name)
+        layout = covered_chunks(shard_chunks(shard, chunk_samples), store.keys(start, stop), store.chunks(start, stop))
+        sample_lengths = np.asarray(shard.lengths, np.int64)[layout.sample_rows]
+        lengths.append(np.minimum(sample_lengths - layout.chunks * chunk_samples, chunk_samples))
+    return np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+
+
 def _check_entries(store: TeacherStore) -> list[str]:
     spec, file, clips = store.spec, store.file, store.num_rows
     counts: Counter = Counter()
@@ -173,12 +207,16 @@ def _check_entries(store: TeacherStore) -> list[str]:
         start, stop = store.shard_offsets[i], store.shard_offsets[i + 1]
         params = file["view_params"][:, start:stop]
         problems += [f"shard {name}: {problem}" for problem in _check_params(spec, params, start, stop - start)]
+    if spec.official:
+        largest = int(np.abs(file["shift_samples"][...].astype(np.int64)).max(initial=0))
+        if largest > spec.augment.clip_samples // 2:
+            problems.append(f"a waveform shift of {largest} samples, more than half the {spec.augment.clip_samples}")
     return problems
 
 
-def _check_resampled(store: TeacherStore, keys: list[str], resample: int) -> list[str]:
-    """Re-draw up to `resample` evenly spread parameter records from the recorded config and seed (each row's
-    parameters are drawn under `chunk_rng_key`)."""
+def _check_resampled(store: TeacherStore, keys: list[str], resample: int, manifest) -> list[str]:
+    """Re-draw up to `resample` evenly spread parameter records: from the recorded config and seed (each row's
+    parameters are drawn under `chunk_rng_key`), or in a store of released outputs from each view's stored seed."""
     spec, file, clips = store.spec, store.file, store.num_rows
     total = clips * spec.num_views
     if not total or resample <= 0:
@@ -186,27 +224,40 @@ def _check_resampled(store: TeacherStore, keys: list[str], resample: int) -> lis
     shard_of_row = np.repeat(np.arange(len(store.shard_names)), np.diff(store.shard_offsets))
     picks = np.unique(np.linspace(0, total - 1, num=min(resample, total)).astype(np.int64))
     chunks, mismatched = store.chunks(), []
+    lengths = _chunk_lengths(store, manifest) if spec.official else None
     for flat in picks:
         view, row = divmod(int(flat), clips)
         start, stop = store.shard_offsets[shard_of_row[row]], store.shard_offsets[shard_of_row[row] + 1]
         rng_key = chunk_rng_key(keys[row], int(chunks[row]))
-        expected = sample_view(spec.augment, spec.seed, rng_key, view, row - start, stop - start)
-        if file["view_params"][view, row] != expected:
+        if spec.official:
+            length = int(lengths[row])
+            drawn = official_view(int(file["seeds"][view, row]), length,
+                                  spec.augment.frames if spec.view_source == OFFICIAL_BATCH else num_frames(length))
+            differs = (file["view_params"][view, row] != drawn.params()
+                       or int(file["shift_samples"][view, row]) != drawn.shift_samples)
+        else:
+            differs = file["view_params"][view, row] != sample_view(spec.augment, spec.seed, rng_key, view,
+                                                                    row - start, stop - start)
+        if differs:
             mismatched.append(f"{rng_key}/view {view}")
     if not mismatched:
         return []
-    return [f"{len(mismatched)} of {len(picks)} re-drawn parameter records differ from the stored ones (the recorded "
-            f"augmentation config or seed is not the one the views were made with): {_examples(mismatched)}"]
+    made_from = ("the stored seeds and the reference's draws" if spec.official
+                 else "the recorded augmentation config and seed")
+    return [f"{len(mismatched)} of {len(picks)} re-drawn parameter records differ from the stored ones (they were "
+            f"not made from {made_from}): {_examples(mismatched)}"]
 
 
 def verify(path: str | Path, shards_dir: str | Path, augment: AugmentConfig | None = None, resample: int = 4096):
     """Check a store against its shards; return `info(path)`, or raise StoreError listing every problem.
 
     Checks: readable and complete file; recorded fingerprint; shard manifest fingerprint; every chunk of every
-    manifest sample present exactly once, in the manifest's order, and no other row; every (row, view) written; values finite within
+    manifest sample present exactly once, in the manifest's order, and no other row (a store of released outputs:
+    chunks of the manifest's samples, once each, in its order); every (row, view) written; values finite within
     [0, 1] and descending; indices within [0, num_classes) and distinct; augmentation parameters within bounds with
-    partners in the row's mixup block; `resample` parameter records re-drawn from the recorded config and seed equal
-    to the stored ones; and, when `augment` is given, the recorded augmentation config equal to it.
+    partners in the row's mixup block; `resample` parameter records re-drawn from the recorded config and seed (or
+    the stored seeds of released outputs) equal to the stored ones; and, when `augment` is given, the recorded
+    augmentation config equal to it.
     """
     from ced_train.data import read_manifest
 
@@ -219,7 +270,7 @@ def verify(path: str | Path, shards_dir: str | Path, augment: AugmentConfig | No
         if not shape_problems:  # the content checks index by the shapes
             keys = store.keys()
             problems += _check_keys(store, keys, manifest) + _check_entries(store)
-            problems += _check_resampled(store, keys, resample)
+            problems += _check_resampled(store, keys, resample, manifest)
     except OSError as error:
         problems = [f"unreadable data (truncated file?): {error}"]
     finally:
@@ -246,6 +297,23 @@ def _read_augment_yaml(path: str) -> AugmentConfig:
         raise ValueError(f"{path}: not an augmentation config ({error})") from None
 
 
+def _import(args) -> int:
+    """`import-official`: write the store, print the accounting, then `verify` it against the shards."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise StoreError(f"--out {out} exists; pass --overwrite to replace it")
+    report = import_official(args.logits_dir, args.shards, out, time_axis=args.time_axis, progress=args.progress)
+    counts = report.counts()
+    print(f"release: {report.release_rows} rows per view, {report.views} views; shards: {report.chunks} chunk rows")
+    print(f"stored {report.rows} chunk rows x {report.views} views; left out: "
+          + (", ".join(f"{count} {kind}s" for kind, count in sorted(counts.items())) or "nothing")
+          + (f" (listed in {report.accounting})" if counts else ""))
+    summary = verify(out, args.shards, resample=4096)
+    print(f"verify {out}: ok ({summary['rows']} chunk rows x {summary['views']} views, all present)")
+    print(f"store: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ced_train.store", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -256,8 +324,20 @@ def main(argv: list[str] | None = None) -> int:
     verify_parser.add_argument("--shards", required=True, help="shard directory (with manifest.json)")
     verify_parser.add_argument("--augment", help="augmentation yaml the store must match (configs/augment/ced.yaml)")
     verify_parser.add_argument("--resample", type=int, default=4096, help="parameter records to re-draw and compare")
+    import_parser = commands.add_parser(
+        "import-official", help="the paper's released teacher outputs (logits_ep*_*.h5 + .parquet) as a store")
+    import_parser.add_argument("logits_dir", help="e.g. logits/ensemble5014/balanced/chunk_10")
+    import_parser.add_argument("--shards", required=True, help="shard directory of the clips the release covers")
+    import_parser.add_argument("--out", required=True, help="store file to write")
+    import_parser.add_argument("--time-axis", choices=sorted(TIME_AXES), default="batch",
+                               help="time-mask axis of the reference's draws: the padded batch's 1001 frames "
+                               "(its AudioSet runs, batch 128) or each chunk's own frames (a release made at batch 1)")
+    import_parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    import_parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     try:
+        if args.command == "import-official":
+            return _import(args)
         if args.command == "info":
             summary = info(args.path)
         else:

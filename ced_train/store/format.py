@@ -12,7 +12,13 @@ order, then chunk order:
     topk_indices   (views, rows, k)    int16    class indices; -1 marks a (row, view) never written
     view_params    (views, rows)       13-byte compound `augment.VIEW_PARAMS_DTYPE`
 
-Format 1 had one row per clip (its first 10 s only). HDF5 chunks hold one view of `CHUNK_CLIPS` consecutive rows: the
+Stores of the paper's released outputs (`view_source` "official:batch" or "official:chunk", `store.official`) add
+
+    shift_samples  (views, rows)       int32    circular shift of the chunk's own samples (`augment.shift_chunk`)
+    seeds          (views, rows)       int32    the reference's seed of each (row, view), from which both were drawn
+
+and hold the rows the release covers, a subsequence of the shards' chunk rows; a teacher-pass store ("sampled")
+holds every chunk row. Format 1 had one row per clip (its first 10 s only). HDF5 chunks hold one view of `CHUNK_CLIPS` consecutive rows: the
 student reads one view of consecutive rows of a shard. Part files (one shard each, `writing.write_part`) have the same
 layout.
 """
@@ -36,6 +42,12 @@ INDEX_DTYPE = np.dtype("<i2")
 VALUE_DTYPE = np.dtype("<f2")
 MISSING_INDEX = -1
 DATASETS = ("keys", "chunks", "shard_names", "shard_offsets", "topk_values", "topk_indices", "view_params")
+OFFICIAL_DATASETS = ("shift_samples", "seeds")
+SAMPLED = "sampled"  # views drawn by `augment.ViewSampler` from the recorded augment config and seed
+# Views re-derived from the reference's seeds (`store.official`), its time-mask axis the padded batch's 1001 frames
+# or each chunk's own frames.
+OFFICIAL_BATCH, OFFICIAL_CHUNK = "official:batch", "official:chunk"
+VIEW_SOURCES = (SAMPLED, OFFICIAL_BATCH, OFFICIAL_CHUNK)
 
 
 class StoreError(RuntimeError):
@@ -55,6 +67,7 @@ class StoreSpec:
         top_k: outputs kept per (row, view).
         num_views: views per row (chunk).
         num_classes: classes of the teachers.
+        view_source: how the views were made (`VIEW_SOURCES`).
     """
 
     manifest_fingerprint: str
@@ -65,8 +78,16 @@ class StoreSpec:
     top_k: int
     num_views: int
     num_classes: int
+    view_source: str = SAMPLED
+
+    @property
+    def official(self) -> bool:
+        """Whether the views are the reference's, re-derived from its seeds (not drawn from `augment` and `seed`)."""
+        return self.view_source != SAMPLED
 
     def __post_init__(self) -> None:
+        if self.view_source not in VIEW_SOURCES:
+            raise ValueError(f"view_source={self.view_source!r} must be one of {VIEW_SOURCES}")
         if not 0 < self.num_classes <= np.iinfo(INDEX_DTYPE).max:
             raise ValueError(f"num_classes={self.num_classes} does not fit the store's int16 class indices")
         if not 0 < self.top_k <= self.num_classes:
@@ -86,6 +107,7 @@ class StoreSpec:
             "top_k": self.top_k,
             "num_views": self.num_views,
             "num_classes": self.num_classes,
+            "view_source": self.view_source,
         }
 
     @classmethod
@@ -99,6 +121,7 @@ class StoreSpec:
             top_k=int(attrs["top_k"]),
             num_views=int(attrs["num_views"]),
             num_classes=int(attrs["num_classes"]),
+            view_source=str(attrs["view_source"]),
         )
 
     def fingerprint(self) -> str:
@@ -138,6 +161,9 @@ def create_layout(file: h5py.File, spec: StoreSpec, keys: list[str], chunks: np.
         "topk_indices", shape=shape + (spec.top_k,), dtype=INDEX_DTYPE, chunks=topk_chunk, fillvalue=MISSING_INDEX
     )
     file.create_dataset("view_params", shape=shape, dtype=VIEW_PARAMS_DTYPE, chunks=chunk)
+    if spec.official:
+        for name in OFFICIAL_DATASETS:
+            file.create_dataset(name, shape=shape, dtype=np.int32, chunks=chunk)
 
 
 def open_for_reading(path: str | Path) -> h5py.File:
@@ -172,10 +198,11 @@ class TeacherStore:
                 raise StoreError(f"{self.path}: store format version {version}, this code reads {FORMAT_VERSION}"
                                  + ("; it was written before stores held every 10 s chunk: re-run the teacher pass "
                                     "with teach.overwrite=true" if older else ""))
-            missing = [name for name in DATASETS if name not in file]
+            self.spec = StoreSpec.from_attrs(file.attrs)
+            missing = [name for name in DATASETS + (OFFICIAL_DATASETS if self.spec.official else ())
+                       if name not in file]
             if missing:
                 raise StoreError(f"{self.path}: missing datasets {missing}")
-            self.spec = StoreSpec.from_attrs(file.attrs)
             self.shard_names = [name.decode() for name in file["shard_names"][:]]
             self.shard_offsets = file["shard_offsets"][:].tolist()
             self.num_rows = int(file.attrs["num_rows"])
@@ -243,6 +270,16 @@ class TeacherStore:
                 file["topk_indices"][view, start:stop],
                 file["view_params"][view, start:stop],
             )
+        except OSError as error:
+            raise StoreError(f"{self.path}: read of view {view}, rows {start}:{stop} failed: {error}") from error
+
+    def shift_samples(self, view: int, start: int, stop: int) -> np.ndarray:
+        """`(n,)` int32 waveform shift of one view of rows `[start, stop)` (`augment.shift_chunk`); zeros in a
+        store whose views shift frames only."""
+        if not self.spec.official:
+            return np.zeros(stop - start, np.int32)
+        try:
+            return self.file["shift_samples"][view, start:stop]
         except OSError as error:
             raise StoreError(f"{self.path}: read of view {view}, rows {start}:{stop} failed: {error}") from error
 

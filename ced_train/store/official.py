@@ -25,6 +25,7 @@ The time axis `A` is the frame count of the padded batch the row was in: 1001 wh
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +33,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from ced_train.augment import VIEW_PARAMS_DTYPE
-from ced_train.models.frontend import N_MELS
-from ced_train.store.format import StoreError
+from ced_train.audio import SAMPLE_RATE
+from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig
+from ced_train.data import read_manifest
+from ced_train.data.chunks import shard_chunks
+from ced_train.data.shards import file_sha256, iter_records
+from ced_train.models.frontend import N_MELS, num_frames
+from ced_train.store.format import OFFICIAL_BATCH, OFFICIAL_CHUNK, StoreError, StoreSpec, create_layout
+from ced_train.store.writing import atomic_file
 
 FILE_PATTERN = re.compile(r"logits_ep(\d+)_(\d+)\.h5$")
 SHIFT_PROB = 0.5  # the reference's torch_audiomentations Shift(min_shift=-0.5, max_shift=0.5), p = 0.5
 SHIFT_MAX_FRACTION = 0.5
 TIME_MASK_MAX_FRAMES = 192  # TimeMasking(192), FrequencyMasking(24) of the published configs
 FREQ_MASK_MAX_BINS = 24
+TIME_AXES = {"batch": OFFICIAL_BATCH, "chunk": OFFICIAL_CHUNK}  # `import_official`'s time_axis -> view_source
 
 
 @dataclass(frozen=True)
@@ -146,3 +154,180 @@ def read_official_part(path: str | Path) -> OfficialPart:
     return OfficialPart(path, int(match[1]), int(match[2]), [str(name) for name in table["filename"]],
                         np.asarray(table["start"], np.float32), np.asarray(table["end"], np.float32),
                         seeds.astype(np.int64), values.astype(np.float16), indices.astype(np.int16))
+
+
+@dataclass
+class ImportReport:
+    """What `import_official` wrote and left out. `left_out`: `(kind, where, detail)` per release row that matches no
+    shard chunk (`unmatched row`), per chunk the release holds in some views only (`incomplete row`) and per shard
+    chunk without a row (`uncovered chunk`), also written to `accounting` (TSV)."""
+
+    store: Path
+    accounting: Path
+    rows: int
+    views: int
+    chunks: int  # chunk rows of the shards (10 s chunks, `data.chunks`)
+    release_rows: int  # rows of one view of the release
+    left_out: list[tuple[str, str, str]]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for kind, _, _ in self.left_out:
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True)
+class _Sample:
+    shard: int  # index in the manifest
+    place: int  # in the shard's stored order
+    key: str
+    offset: int  # samples into its source file
+    length: int  # samples
+
+
+def _sample_index(manifest) -> dict[str, list[_Sample]]:
+    """Shard samples by the names the reference may have given their file: the source file's base name, its stem,
+    and for AudioSet samples the YouTube id (the reference names clips by file name only)."""
+    index: dict[str, list[_Sample]] = {}
+    for shard_index, shard in enumerate(manifest.shards):
+        for place, record in enumerate(iter_records(shard.path)):
+            sample = _Sample(shard_index, place, record["key"], shard.offsets[place], shard.lengths[place])
+            source = Path(record.get("source_file", record["key"]))
+            for name in {source.name, source.stem, record.get("ytid")} - {None}:
+                index.setdefault(name, []).append(sample)
+    return index
+
+
+def _release_names(filename: str) -> list[str]:
+    """Names to look a release row's file up by: base name, stem, and the YouTube id of AudioSet-style names
+    (`Y<id>...`, `<id>_<start>...`)."""
+    path = Path(filename)
+    names = [path.name, path.stem]
+    stem = path.stem[1:] if path.stem.startswith("Y") and len(path.stem) >= 12 else path.stem
+    if len(stem) >= 11:
+        names.append(stem[:11])
+    return names
+
+
+def _match(index: dict[str, list[_Sample]], filename: str, start: int, end: int,
+           chunk_samples: int) -> tuple[_Sample, int] | str:
+    """The shard sample and chunk of a release row of `filename` `[start, end)` samples, or why there is none."""
+    candidates = next((index[name] for name in _release_names(filename) if name in index), None)
+    if candidates is None:
+        return "no shard sample from a file of that name"
+    inside = [s for s in candidates if s.offset <= start < s.offset + s.length]
+    if len(inside) != 1:
+        keys = ", ".join(s.key for s in candidates[:3])
+        return (f"{len(inside)} shard samples of that name hold its start ({keys})" if inside
+                else f"no shard sample of that name ({keys}) holds [{start}, {end}) samples")
+    sample = inside[0]
+    chunk, rest = divmod(start - sample.offset, chunk_samples)
+    own = min(sample.length - chunk * chunk_samples, chunk_samples)
+    if rest or end - start != own:
+        return (f"[{start}, {end}) samples is not a chunk of shard sample {sample.key} "
+                f"({sample.length} samples from {sample.offset})")
+    return sample, chunk
+
+
+def import_official(logits_dir: str | Path, shards_dir: str | Path, out: str | Path, time_axis: str = "batch",
+                    progress: bool = True) -> ImportReport:
+    """Write the released outputs in `logits_dir` as a store of `shards_dir`'s chunks at `out` (see the module
+    docstring and docs/store.md), with the accounting of what was left out beside it. `time_axis`: "batch" (1001
+    frames: the reference's batches of 128 on AudioSet) or "chunk" (each chunk's own frames: a release made at batch
+    size 1) for the time-mask draws."""
+    if time_axis not in TIME_AXES:
+        raise ValueError(f"time axis must be one of {sorted(TIME_AXES)}, got {time_axis!r}")
+    out, augment = Path(out), AugmentConfig(mixup_prob=0.0)  # the reference's chunk, shift and mask limits
+    chunk_samples = augment.clip_samples
+    manifest = read_manifest(shards_dir)
+    paths = official_parts(logits_dir)
+    views = sorted({int(FILE_PATTERN.match(path.name)[1]) for path in paths})
+    layouts = [shard_chunks(shard, chunk_samples) for shard in manifest.shards]
+    first_row = np.cumsum([0] + [len(layout) for layout in layouts]).tolist()  # flat chunk number of each shard
+    flat_of = {(shard, layout.keys[row], int(layout.chunks[row])): first_row[shard] + row
+               for shard, layout in enumerate(layouts) for row in range(len(layout))}
+    index = _sample_index(manifest)
+
+    # Pass 1: every release row's flat chunk number (-1: none), and in how many views each chunk appears.
+    targets: dict[Path, np.ndarray] = {}
+    seen = np.zeros((len(views), first_row[-1]), bool)
+    left_out: list[tuple[str, str, str]] = []
+    top_k, release_rows = None, 0
+    for path in tqdm(paths, desc="match release rows", unit="file", disable=not progress):
+        part = read_official_part(path)
+        top_k = top_k or part.topk_values.shape[1]
+        if part.topk_values.shape[1] != top_k:
+            raise StoreError(f"{path}: top-{part.topk_values.shape[1]} outputs, the other files hold top-{top_k}")
+        if len(part) and int(part.topk_indices.max()) >= manifest.num_classes:
+            raise StoreError(f"{path}: class index {int(part.topk_indices.max())} outside the "
+                             f"{manifest.num_classes} classes of {manifest.root}")
+        view = views.index(part.view)
+        release_rows += len(part) if view == 0 else 0
+        flat = np.full(len(part), -1, np.int64)
+        for row, (name, start_s, end_s) in enumerate(zip(part.filenames, part.starts_s, part.ends_s)):
+            start, end = round(float(start_s) * SAMPLE_RATE), round(float(end_s) * SAMPLE_RATE)
+            match = _match(index, name, start, end, chunk_samples)
+            if isinstance(match, str):
+                left_out.append(("unmatched row", f"{path.name}:{row}",
+                                 f"{name} [{float(start_s):g}, {float(end_s):g}) s: {match}"))
+                continue
+            sample, chunk = match
+            flat[row] = flat_of[(sample.shard, sample.key, chunk)]
+            if seen[view, flat[row]]:
+                raise StoreError(f"{path}:{row}: chunk {sample.key}#{chunk} appears twice in view {part.view}")
+            seen[view, flat[row]] = True
+        targets[path] = flat
+    complete = seen.all(axis=0)
+    for shard, layout in enumerate(layouts):
+        for row in range(len(layout)):
+            flat = first_row[shard] + row
+            if not complete[flat]:
+                where = f"{layout.keys[row]}#{int(layout.chunks[row])}"
+                in_views = [views[v] for v in np.flatnonzero(seen[:, flat])]
+                left_out.append(("incomplete row", where, f"only in views {in_views} of {views}") if in_views else
+                                ("uncovered chunk", where, f"{manifest.shards[shard].name}: no row of the release"))
+
+    # Pass 2, view by view: the covered chunks' outputs, seeds and re-derived views.
+    store_row = np.cumsum(complete) - 1  # flat chunk number -> store row (for covered chunks)
+    rows = [(shard, row) for shard, layout in enumerate(layouts) for row in range(len(layout))
+            if complete[first_row[shard] + row]]
+    lengths = [min(manifest.shards[shard].lengths[layouts[shard].sample_rows[row]]
+                   - int(layouts[shard].chunks[row]) * chunk_samples, chunk_samples) for shard, row in rows]
+    frames = [1001 if time_axis == "batch" else num_frames(length) for length in lengths]
+    offsets = np.cumsum([0] + [sum(complete[first_row[s] : first_row[s + 1]]) for s in range(len(layouts))])
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name} {file_sha256(path)} {file_sha256(path.with_suffix('.parquet'))}\n".encode())
+    teacher = {"file": f"{Path(logits_dir).name} (released outputs)", "sha256": digest.hexdigest(),
+               "bytes": sum(path.stat().st_size + path.with_suffix(".parquet").stat().st_size for path in paths)}
+    spec = StoreSpec(manifest.fingerprint, augment, 0, (teacher,), "probs", top_k, len(views), manifest.num_classes,
+                     TIME_AXES[time_axis])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(views) * len(rows), desc="re-derive views", unit="row", disable=not progress)
+    with atomic_file(out) as tmp, h5py.File(tmp, "w") as file:
+        create_layout(file, spec, [layouts[shard].keys[row] for shard, row in rows],
+                      np.array([layouts[shard].chunks[row] for shard, row in rows], np.int32),
+                      [shard.name for shard in manifest.shards], offsets.tolist())
+        for v, view in enumerate(views):
+            values, indices = np.zeros((len(rows), top_k), np.float16), np.zeros((len(rows), top_k), np.int16)
+            seeds = np.zeros(len(rows), np.int64)
+            for path in (path for path in paths if int(FILE_PATTERN.match(path.name)[1]) == view):
+                part, flat = read_official_part(path), targets[path]
+                keep = flat >= 0
+                keep[keep] = complete[flat[keep]]
+                at = store_row[flat[keep]]
+                values[at], indices[at], seeds[at] = part.topk_values[keep], part.topk_indices[keep], part.seeds[keep]
+            params, shifts = np.zeros(len(rows), VIEW_PARAMS_DTYPE), np.zeros(len(rows), np.int32)
+            for i, (seed, length, axis) in enumerate(zip(seeds.tolist(), lengths, frames)):
+                drawn = official_view(seed, length, axis)
+                params[i], shifts[i] = drawn.params(), drawn.shift_samples
+                bar.update()
+            file["topk_values"][v], file["topk_indices"][v] = values, indices
+            file["view_params"][v], file["shift_samples"][v], file["seeds"][v] = params, shifts, seeds
+    bar.close()
+    accounting = out.with_name(f"{out.stem}.left_out.tsv")
+    with open(accounting, "w", encoding="utf-8") as handle:
+        handle.write("kind\twhere\tdetail\n")
+        handle.writelines(f"{kind}\t{where}\t{detail}\n" for kind, where, detail in left_out)
+    return ImportReport(out, accounting, len(rows), len(views), first_row[-1], release_rows, left_out)

@@ -27,7 +27,7 @@ from ced_train.store.format import (
 
 
 @contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
+def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write; fsynced and renamed to `path` when the block ends, removed when it
     raises (a full disk leaves no partial file)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -74,7 +74,7 @@ def write_part(
         if array.shape != shape:
             raise ValueError(f"part {shard_name}: {name} has shape {array.shape}, expected {shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as tmp, h5py.File(tmp, "w") as file:
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as file:
         create_layout(file, spec, keys, chunks, [shard_name], [0, len(keys)])
         file["view_params"][...] = view_params
         file["topk_values"][...] = topk_values.astype(VALUE_DTYPE)
@@ -128,7 +128,7 @@ def merge_parts(path: str | Path, spec: StoreSpec, parts: list[str | Path]) -> P
     chunks = np.concatenate([part_chunks for _, part_chunks, _ in headers]) if headers else np.zeros(0, np.int32)
     offsets = np.cumsum([0] + [len(part_keys) for part_keys, _, _ in headers]).tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as tmp, h5py.File(tmp, "w") as out:
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as out:
         create_layout(out, spec, keys, chunks, [name for _, _, name in headers], offsets)
         for part, start, stop in zip(parts, offsets[:-1], offsets[1:]):
             with open_for_reading(part) as file:
