@@ -217,3 +217,41 @@ def test_a_shrunk_distillation_from_the_imported_store_runs(imported, tmp_path):
     results, _ = run_stages(cfg)
     assert results["distill"]["steps"] == 2 * 3  # 6 chunk rows // 2 per epoch
     assert (tmp_path / "distill" / "student.ckpt").is_file()
+
+
+def test_release_rows_find_audioset_shard_keys_by_youtube_id_whatever_the_file_names(tmp_path):
+    """AudioSet shards are keyed `<YTID>_<start ms>` and the reference named clips by its own file names: rows are
+    matched through the YouTube id when the base names differ (here `Y<id>_<start>_<end>.wav` in the release,
+    `<id>_<start>.flac` downloads)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    from data_prep.audioset import AudioIndex, read_segments
+
+    ytids = {"clip_a": "aaaaaaaaaaa", "clip_b": "b-b_bbbbbbb"}  # the two clips of at most 10 s
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name, ytid in ytids.items():
+        shutil.copy(FIXTURE / "audio" / f"{name}.flac", audio / f"{ytid}_30.000.flac")
+    csv = tmp_path / "balanced_train_segments.csv"
+    csv.write_text("# Segments csv\n# num_ytids=2\n# YTID, start_seconds, end_seconds, positive_labels\n"
+                   + "".join(f'{ytid}, 30.000, 40.000, "/m/09x0r"\n' for ytid in ytids.values()))
+    classes = load_class_labels()
+    shards = tmp_path / "shards"
+    build_shards(read_segments([csv], AudioIndex(audio), classes), shards, classes, tool="data_prep.audioset",
+                 labelled=True, workers=1, progress=False)
+    logits = tmp_path / "logits"
+    shutil.copytree(FIXTURE / "logits", logits)
+    for table_path in logits.glob("*.parquet"):
+        table = pyarrow.parquet.read_table(table_path)
+        names = [f"Y{ytids[Path(name).stem]}_30.000_40.000.wav" if Path(name).stem in ytids else name
+                 for name in table["filename"].to_pylist()]
+        table = table.set_column(table.schema.get_field_index("filename"), "filename", pyarrow.array(names))
+        pyarrow.parquet.write_table(table, table_path)
+
+    report = import_official(logits, shards, tmp_path / "paper.h5", time_axis="chunk", progress=False)
+
+    assert report.rows == 2 and report.counts() == {"unmatched row": 8}  # clip_c and clip_d: 4 rows in each view
+    with TeacherStore(report.store) as store:
+        assert sorted(store.keys()) == ["aaaaaaaaaaa_30000", "b-b_bbbbbbb_30000"]
+    verify(report.store, shards)

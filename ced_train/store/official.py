@@ -49,6 +49,7 @@ SHIFT_PROB = 0.5  # the reference's torch_audiomentations Shift(min_shift=-0.5, 
 SHIFT_MAX_FRACTION = 0.5
 TIME_MASK_MAX_FRAMES = 192  # TimeMasking(192), FrequencyMasking(24) of the published configs
 FREQ_MASK_MAX_BINS = 24
+AUDIOSET_TOOL = "data_prep.audioset"  # the manifest's `tool` of AudioSet shards
 TIME_AXES = {"batch": OFFICIAL_BATCH, "chunk": OFFICIAL_CHUNK}  # `import_official`'s time_axis -> view_source
 
 
@@ -187,34 +188,35 @@ class _Sample:
 
 
 def _sample_index(manifest) -> dict[str, list[_Sample]]:
-    """Shard samples by the names the reference may have given their file: the source file's base name, its stem,
-    and for AudioSet samples the YouTube id (the reference names clips by file name only)."""
+    """Shard samples by the names the reference may have given their file (it named clips by file name only): for
+    AudioSet shards the YouTube id, which their keys `<YTID>_<start ms>` hold (no audio is read); else the recorded
+    source file's base name and stem (read from the shards' JSON records)."""
     index: dict[str, list[_Sample]] = {}
     for shard_index, shard in enumerate(manifest.shards):
-        for place, record in enumerate(iter_records(shard.path)):
-            sample = _Sample(shard_index, place, record["key"], shard.offsets[place], shard.lengths[place])
-            source = Path(record.get("source_file", record["key"]))
-            for name in {source.name, source.stem, record.get("ytid")} - {None}:
+        if manifest.tool == AUDIOSET_TOOL:
+            names = [[key.rsplit("_", 1)[0]] for key in shard.keys]
+        else:
+            names = [[Path(record["source_file"]).name, Path(record["source_file"]).stem]
+                     for record in iter_records(shard.path)]
+        for place, (key, sample_names) in enumerate(zip(shard.keys, names, strict=True)):
+            sample = _Sample(shard_index, place, key, shard.offsets[place], shard.lengths[place])
+            for name in sample_names:
                 index.setdefault(name, []).append(sample)
     return index
 
 
 def _release_names(filename: str) -> list[str]:
-    """Names to look a release row's file up by: base name, stem, and the YouTube id of AudioSet-style names
-    (`Y<id>...`, `<id>_<start>...`)."""
+    """Names to look a release row's file up by: base name, stem, and the YouTube id an AudioSet-style name may
+    start with (`<id>_<start>...`, or `Y<id>...`; an id may itself start with Y, so both)."""
     path = Path(filename)
-    names = [path.name, path.stem]
-    stem = path.stem[1:] if path.stem.startswith("Y") and len(path.stem) >= 12 else path.stem
-    if len(stem) >= 11:
-        names.append(stem[:11])
-    return names
+    return [path.name, path.stem, path.stem[:11]] + ([path.stem[1:12]] if path.stem.startswith("Y") else [])
 
 
 def _match(index: dict[str, list[_Sample]], filename: str, start: int, end: int,
            chunk_samples: int) -> tuple[_Sample, int] | str:
     """The shard sample and chunk of a release row of `filename` `[start, end)` samples, or why there is none."""
-    candidates = next((index[name] for name in _release_names(filename) if name in index), None)
-    if candidates is None:
+    candidates = list({sample: None for name in _release_names(filename) for sample in index.get(name, ())})
+    if not candidates:
         return "no shard sample from a file of that name"
     inside = [s for s in candidates if s.offset <= start < s.offset + s.length]
     if len(inside) != 1:
