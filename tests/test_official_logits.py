@@ -22,7 +22,7 @@ from ced_train.data.chunks import chunk_rng_key
 from ced_train.labels import load_class_labels
 from ced_train.models.frontend import LogMelFrontEnd, num_frames
 from ced_train.rendering import ViewRenderer
-from ced_train.store import StoreError, TeacherStore, verify
+from ced_train.store import StoreError, TeacherStore, info, verify
 from ced_train.store.official import import_official, official_parts, official_view, read_official_part
 from ced_train.views import ViewDataset, collate_items
 from data_prep.sharding import SourceRow, build_shards
@@ -187,6 +187,7 @@ def test_release_rows_without_a_shard_chunk_and_chunks_without_a_row_are_each_re
     assert "uncovered chunk\tclip_e#0\t" in "\n".join(lines)
     with TeacherStore(store) as opened:
         assert opened.num_rows == 4
+    assert info(store)["left_out"] == {"unmatched row": 4, "uncovered chunk": 1}
     again = subprocess.run([sys.executable, "-m", "ced_train.store", "import-official", str(FIXTURE / "logits"),
                             "--shards", str(shards), "--out", str(store)], capture_output=True, text=True, timeout=120,
                            cwd=REPO)

@@ -58,13 +58,14 @@ def info(path: str | Path) -> dict:
             "file_bytes": store.path.stat().st_size,
             "file_bytes_per_row_view": store.path.stat().st_size / clip_views,
             "payload_bytes_per_row_view": spec.top_k * (VALUE_DTYPE.itemsize + INDEX_DTYPE.itemsize)
-            + VIEW_PARAMS_DTYPE.itemsize,
+            + VIEW_PARAMS_DTYPE.itemsize + (8 if spec.official else 0),  # imported: int32 shift and seed
             "bytes_per_view": store.path.stat().st_size / spec.num_views,
             "teachers": list(spec.teachers),
             "averaging": spec.averaging,
             "seed": spec.seed,
             "augment": json.loads(spec.augment.to_json()),
             "view_source": spec.view_source,
+            **({"left_out": json.loads(str(store.file.attrs["left_out"]))} if spec.official else {}),
         }
 
 

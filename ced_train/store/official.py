@@ -26,7 +26,9 @@ The time axis `A` is the frame count of the padded batch the row was in: 1001 wh
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,10 +174,12 @@ class ImportReport:
     left_out: list[tuple[str, str, str]]
 
     def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for kind, _, _ in self.left_out:
-            counts[kind] = counts.get(kind, 0) + 1
-        return counts
+        return report_counts(self.left_out)
+
+
+def report_counts(left_out: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Left-out entries per kind."""
+    return dict(Counter(kind for kind, _, _ in left_out))
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,7 @@ def import_official(logits_dir: str | Path, shards_dir: str | Path, out: str | P
                 bar.update()
             file["topk_values"][v], file["topk_indices"][v] = values, indices
             file["view_params"][v], file["shift_samples"][v], file["seeds"][v] = params, shifts, seeds
+        file.attrs["left_out"] = json.dumps(report_counts(left_out), sort_keys=True)  # what the TSV lists
     bar.close()
     accounting = out.with_name(f"{out.stem}.left_out.tsv")
     with open(accounting, "w", encoding="utf-8") as handle:
