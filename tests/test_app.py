@@ -31,10 +31,11 @@ def no_audioset_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_recipes_dir_holds_the_demo_and_eight_audioset_recipes():
+def test_recipes_dir_holds_the_demo_and_eight_audioset_recipes_each_also_on_the_paper_targets():
     assert "tiny_distill" in RECIPES
     sizes = ("tiny", "mini", "small", "base")
-    assert sorted(AUDIOSET_RECIPES) == sorted(f"audioset_{s}_{d}" for s in sizes for d in ("balanced", "full"))
+    grid = [f"audioset_{s}_{d}" for s in sizes for d in ("balanced", "full")]
+    assert sorted(AUDIOSET_RECIPES) == sorted(grid + [f"{name}_paper_targets" for name in grid])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
