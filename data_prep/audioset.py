@@ -5,8 +5,8 @@
 
 Every CSV row ends up either in a shard or in `skipped.tsv` with a reason. A file named by the segment
 (`YTID_START.ext`, `YTID_START_END.ext`) is taken to hold the segment already, as every public AudioSet download does.
-A file named by the video alone (`YTID.ext`, `YYTID.ext`) is cut to the segment's `[start, end)` when it lasts up to
-the segment's end (it is the whole video), else taken whole; when several rows would map to one such file, each is
+A file named by the video alone (`YTID.ext`, `YYTID.ext`) is taken whole when it lasts no longer than the segment
+(it is the segment), else cut to the segment's `[start, end)` when it lasts up to the segment's end (the whole video); when several rows would map to one such file, each is
 skipped as `ambiguous file`. Sample keys are `<YTID>_<start in ms>`
 (`--PJHxphWEs_30000`), because a dot in `YTID_30.000` would end the key for webdataset. Without --class-labels the
 classes are those of the `class_labels_indices.csv` beside the first segment CSV, where AudioSet's download puts it

@@ -167,10 +167,11 @@ def _span(row: SourceRow, source: AudioSource) -> tuple[float, float | None] | S
         return 0.0, None
     start, end = row.span_s
     duration = source.duration_s
+    # A file no longer than the segment is the segment (most downloads), even where its video is as short as it.
+    if duration is not None and duration <= end - start + SPAN_TOLERANCE_S:
+        return 0.0, None
     if duration is None or duration >= end - SPAN_TOLERANCE_S:  # the whole video: cut the segment out
         return start, end
-    if duration <= end - start + SPAN_TOLERANCE_S:  # already just the segment
-        return 0.0, None
     return Skip(row.source_row, row.key, UNREADABLE,
                 f"{row.source_file}: lasts {duration:.2f} s, neither the segment [{start:g}, {end:g}) s of its video "
                 f"nor the whole video")

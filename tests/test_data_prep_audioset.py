@@ -367,3 +367,18 @@ def test_two_segments_mapping_to_one_bare_video_file_are_each_refused_with_the_r
     skips = read_skipped(tmp_path / "out")
     assert report.num_written == 1 and [s.reason for s in skips] == ["ambiguous file", "ambiguous file"]
     assert all("vvvvvvvvvvv.wav" in s.detail and "seg.csv:4, seg.csv:5" in s.detail for s in skips)
+
+
+def test_a_bare_video_file_as_long_as_its_segment_is_the_segment_even_when_the_segment_starts_near_zero(tmp_path):
+    """`YTID.wav` of 10 s for the segment [0.634, 10.634): the file is the segment (as the demo's synthetic data has
+    it), not a 10 s video to cut from 0.634 s (which dropped its first 0.634 s)."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    segment = (np.random.default_rng(1).standard_normal(10 * SAMPLE_RATE) * 0.1).astype(np.float32)
+    soundfile.write(audio / "yyyyyyyyyyy.wav", segment, SAMPLE_RATE, subtype="FLOAT")
+    (tmp_path / "seg.csv").write_text(HEADER + 'yyyyyyyyyyy, 0.634, 10.634, "/m/09x0r"\n')
+
+    build(read_segments([tmp_path / "seg.csv"], AudioIndex(audio), CLASSES), tmp_path / "out")
+
+    (clip,) = iter_shard(tmp_path / "out" / "shard-000000.tar", dtype="int16")
+    assert clip.key == "yyyyyyyyyyy_634" and clip.waveform.tobytes() == encode_audio(segment, "pcm16")[0]
