@@ -248,7 +248,10 @@ def import_official(logits_dir: str | Path, shards_dir: str | Path, out: str | P
     chunk_samples = augment.clip_samples
     manifest = read_manifest(shards_dir)
     paths = official_parts(logits_dir)
-    views = sorted({int(FILE_PATTERN.match(path.name)[1]) for path in paths})
+    paths_of_view: dict[int, list[Path]] = {}
+    for path in paths:
+        paths_of_view.setdefault(int(FILE_PATTERN.match(path.name)[1]), []).append(path)
+    views = sorted(paths_of_view)
     layouts = [shard_chunks(shard, chunk_samples) for shard in manifest.shards]
     first_row = np.cumsum([0] + [len(layout) for layout in layouts]).tolist()  # flat chunk number of each shard
     flat_of = {(shard, layout.keys[row], int(layout.chunks[row])): first_row[shard] + row
@@ -294,7 +297,8 @@ def import_official(logits_dir: str | Path, shards_dir: str | Path, out: str | P
                 left_out.append(("incomplete row", where, f"only in views {in_views} of {views}") if in_views else
                                 ("uncovered chunk", where, f"{manifest.shards[shard].name}: no row of the release"))
 
-    # Pass 2, view by view: the covered chunks' outputs, seeds and re-derived views.
+    # Pass 2, view by view: the covered chunks' outputs, seeds and re-derived views. Each part is read again rather
+    # than kept from pass 1, so memory holds one view of the release (AS-2M: 10 views of 2 million rows).
     store_row = np.cumsum(complete) - 1  # flat chunk number -> store row (for covered chunks)
     rows = [(shard, row) for shard, layout in enumerate(layouts) for row in range(len(layout))
             if complete[first_row[shard] + row]]
@@ -318,7 +322,7 @@ def import_official(logits_dir: str | Path, shards_dir: str | Path, out: str | P
         for v, view in enumerate(views):
             values, indices = np.zeros((len(rows), top_k), np.float16), np.zeros((len(rows), top_k), np.int16)
             seeds = np.zeros(len(rows), np.int64)
-            for path in (path for path in paths if int(FILE_PATTERN.match(path.name)[1]) == view):
+            for path in paths_of_view[view]:
                 part, flat = read_official_part(path), targets[path]
                 keep = flat >= 0
                 keep[keep] = complete[flat[keep]]
