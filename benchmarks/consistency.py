@@ -20,50 +20,23 @@ a plot (per-seed points, mean ± std bars). Needs the demo's shards and teachers
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _demo_app import recipe_config, require_demo, run_app
 from hydra.utils import instantiate
 
-from ced_train.__main__ import compose
 from ced_train.store import TeacherStore
 
-RECIPE = "tiny_distill"
+RECIPES = ("tiny_distill", "tiny_distill_patient")
 MODES = ("replay", "fresh")
 TARGET_MAP_POINTS = 2.0
 
 
-def recipe_config(root: Path, overrides: list[str]):
-    return compose([f"+recipe={RECIPE}", f"paths.root_dir={root}", f"paths.output_dir={root}/unused", *overrides])
-
-
-def missing_inputs(cfg) -> list[str]:
-    """The demo's outputs this benchmark reads that are not there."""
-    shards = [Path(cfg.data.train_shards), Path(cfg.data.val_shards), Path(cfg.evaluate.shards)]
-    missing = [str(path / "manifest.json") for path in shards if not (path / "manifest.json").is_file()]
-    return missing + [path for path in cfg.teachers.checkpoints if not Path(path).is_file()]
-
-
-def run_app(root: Path, overrides: list[str], run_dir: Path) -> dict:
-    """`python -m ced_train +recipe=tiny_distill OVERRIDES` with its run directory at `run_dir` → its results.json;
-    the output goes to `run_dir/app.log`, and a failed run ends the benchmark with that log's tail."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "ced_train", f"+recipe={RECIPE}", *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
-    with open(run_dir / "app.log", "w") as log:
-        result = subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        tail = (run_dir / "app.log").read_text().splitlines()[-30:]
-        sys.exit(f"{' '.join(command)} failed (exit {result.returncode}):\n" + "\n".join(tail))
-    return json.loads((run_dir / "results.json").read_text())
-
-
-def ced_store(root: Path, cfg, work_dir: Path, common: list[str]) -> Path:
+def ced_store(recipe: str, root: Path, cfg, work_dir: Path, common: list[str]) -> Path:
     """A store of the demo's teachers made with `augment=ced`: the recipe's own when it is one, else one made here."""
     ced = instantiate(cfg.augment)  # cfg is composed with augment=ced
     recipe_store = Path(cfg.store.path)
@@ -78,7 +51,8 @@ def ced_store(root: Path, cfg, work_dir: Path, common: list[str]) -> Path:
     store = work_dir / "store_ced.h5"
     print(f"store: {store}, made here with augment=ced (the recipe's {recipe_store} is {why})", flush=True)
     start = time.perf_counter()
-    run_app(root, ["stages=[teach]", *common, f"store.path={store}", "teach.progress=false"], work_dir / "runs/teach")
+    run_app(recipe, root, ["stages=[teach]", *common, f"store.path={store}", "teach.progress=false"],
+            work_dir / "runs/teach")
     print(f"  teach: {time.perf_counter() - start:.0f} s", flush=True)
     return store
 
@@ -114,6 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides added to every run (e.g. trainer=cpu)")
+    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
+                        help="the demo (8 epochs) or its patient schedule (100 epochs, 32 stored views)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="distill.trainer.max_epochs (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=Path("consistency.png"), help="the plot (PNG)")
@@ -131,15 +107,11 @@ def main() -> None:
     root = args.root.resolve()
     seeds, epochs = ([0], 1) if args.smoke else (args.seeds, args.epochs)
 
-    cfg = recipe_config(root, ["augment=ced", *args.overrides])
-    missing = missing_inputs(cfg)
-    if missing:
-        print(f"consistency.py needs the tiny_distill demo's shards and teachers under {root} (missing "
-              f"{missing[0]}{' and more' if len(missing) > 1 else ''}): run `make demo` first", file=sys.stderr)
-        sys.exit(2)
+    cfg = recipe_config(args.recipe, root, ["augment=ced", *args.overrides])
+    require_demo(cfg, root, "consistency.py")
     work_dir = (args.work_dir or Path(cfg.paths.artifacts_dir) / cfg.name / "consistency").resolve()
     common = ["augment=ced", "logger=csv", *args.overrides]
-    store = ced_store(root, cfg, work_dir, common)
+    store = ced_store(args.recipe, root, cfg, work_dir, common)
 
     schedule = []
     if epochs is not None:
@@ -159,7 +131,7 @@ def main() -> None:
                          f"+evaluate.systems={{student:['{student}/student.ckpt']}}",
                          f"evaluate.out_dir={student}/evaluate"]
             start = time.perf_counter()
-            results = run_app(root, overrides, work_dir / "runs" / name)["results"]
+            results = run_app(args.recipe, root, overrides, work_dir / "runs" / name)["results"]
             scores = results["evaluate"]["systems"]["student"]
             runs.append({"mode": mode, "seed": seed, "mAP": 100 * scores["mAP"], "mAUC": 100 * scores["mAUC"],
                          "clips": scores["num_clips"], "epochs": results["distill"].get("epochs"),
@@ -181,7 +153,7 @@ def main() -> None:
     verdict = "met" if difference >= TARGET_MAP_POINTS else "missed"
     print(f"replay - fresh: {difference:+.2f} mAP (target >= +{TARGET_MAP_POINTS:.0f}: {verdict}); "
           f"replay / fresh: {means['replay'] / means['fresh']:.3f}")
-    plot(runs, args.out, f"{RECIPE}: replay - fresh = {difference:+.2f} mAP, {len(seeds)} seed(s), "
+    plot(runs, args.out, f"{args.recipe}: replay - fresh = {difference:+.2f} mAP, {len(seeds)} seed(s), "
          f"{runs[0]['clips']} eval clips")
     print(f"plot: {args.out.resolve()}")
 

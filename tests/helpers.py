@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +26,37 @@ def app_env(root: Path) -> dict[str, str]:
     return {**environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
 
 
+def run_until_stalled(command: list[str], cwd: Path, env: dict[str, str], watch: Path,
+                      stall_s: float = 300.0) -> subprocess.CompletedProcess:
+    """Run `command` to its end however long a loaded machine makes it, but kill it once it stops making progress:
+    no new output and no file below `watch` written for `stall_s` seconds (a hang, not slowness). Returns the
+    completed process with its output as text; a stalled one raises TimeoutError naming the command and its tail."""
+    def progress() -> tuple:
+        newest = max((entry.stat().st_mtime for entry in watch.rglob("*") if entry.is_file()), default=0.0)
+        return out.tell(), err.tell(), newest
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        marker, moved = progress(), time.monotonic()
+        while process.poll() is None:
+            time.sleep(2.0)
+            now = progress()
+            if now != marker:
+                marker, moved = now, time.monotonic()
+            elif time.monotonic() - moved > stall_s:
+                process.kill()
+                process.wait()
+                err.seek(0)
+                raise TimeoutError(f"no output and no file written below {watch} for {stall_s:.0f} s: killed "
+                                   f"{' '.join(command)}\n{err.read()[-3000:]}")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+
+
 def spawn_bounded(fn, args: tuple, nprocs: int, timeout_s: float = 180.0) -> None:
     """`torch.multiprocessing.spawn(fn, args, nprocs)` that cannot hang: processes still running after `timeout_s`
     are killed and the call raises TimeoutError (a worker's exception is re-raised as spawn does)."""
-    import time
-
     import torch
 
     context = torch.multiprocessing.spawn(fn, args=args, nprocs=nprocs, join=False)

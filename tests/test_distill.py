@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,8 +21,11 @@ from ced_train.lightning.batches import DistillBatch
 from ced_train.lightning.data import ViewsDataModule
 from ced_train.lightning.fit import StageOutputError, read_provenance
 from ced_train.lightning.losses import TopKBCE, TopKKL, dense_targets
+from ced_train.lightning.module import TaggerModule
 from ced_train.models import create_model
 from ced_train.rendering import ViewRenderer
+from ced_train.stages.distill import PRIOR_FLOOR, head_prior
+from ced_train.store import TeacherStore, topk_to_dense
 from ced_train.teachers import load_ensemble
 from helpers import make_shards
 
@@ -272,6 +276,26 @@ def test_distill_reuses_an_export_of_equal_inputs_and_refuses_other_inputs(tiny,
     with pytest.raises(StageOutputError, match="distill.overwrite"):
         run_stages(distill_cfg(tiny, tmp_path, "distill.trainer.max_epochs=1", "distill.loss.fill=mean_rest"))
     assert math.isfinite(first["distill"]["best_val_mAP"])
+
+
+def test_the_store_prior_starts_each_class_at_the_teachers_mean_probability(tiny, tmp_path):
+    with TeacherStore(tiny["store"]) as store:
+        means = store.mean_probabilities()
+        dense = [topk_to_dense(*store.read(view, 0, store.num_rows)[:2], store.spec.num_classes)
+                 for view in range(store.num_views)]
+    assert np.allclose(means, np.concatenate(dense).mean(0), atol=1e-6)
+    # The default (distill.head_bias_prior=store): the student's head, before any step, predicts those means.
+    cfg = distill_cfg(tiny, tmp_path)
+    assert cfg.distill.head_bias_prior == "store"
+    prior = head_prior(cfg.distill.head_bias_prior, Path(cfg.store.path))
+    module = TaggerModule(create_model("ced_test", pooling="logit"), "ced_test", TopKBCE(), torch.optim.AdamW,
+                          head_bias_prior=prior)
+    bias = module.model.outputlayer[-1].bias.detach().double()
+    assert torch.allclose(bias.sigmoid(), torch.from_numpy(means).clamp(PRIOR_FLOOR, 1 - PRIOR_FLOOR), rtol=1e-4)
+    assert (means > 0.05).sum() > 0 and (means == 0).sum() > 0  # teachers' favourites and never-ranked classes
+    assert head_prior(0.01, Path(cfg.store.path)) == 0.01 and head_prior(None, Path(cfg.store.path)) is None
+    with pytest.raises(ValueError, match="distill.head_bias_prior='stor'"):
+        head_prior("stor", Path(cfg.store.path))
 
 
 def test_distill_and_evaluate_run_under_bf16_autocast_on_the_cpu(tiny, tmp_path):

@@ -98,7 +98,8 @@ def test_the_finetune_recipe_trains_a_released_model_on_other_classes_with_a_new
     torch.save({"model": released.state_dict()}, tmp_path / "released.pt")
     cfg = compose(["~local", "+recipe=finetune", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
                    f"train.init_checkpoint={tmp_path}/released.pt", f"data.train_shards={synthetic_train_shards}",
-                   f"data.val_shards={synthetic_train_shards}", "model@train.model=ced_test", "data.batch_size=4",
+                   f"data.val_shards={synthetic_train_shards}", f"data.eval_shards={synthetic_train_shards}",
+                   "model@train.model=ced_test", "data.batch_size=4",
                    "train.trainer.max_epochs=1", "train.optim.scheduler.warmup_steps=2", "trainer=cpu",
                    "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv"])
     results, _ = run_stages(cfg)

@@ -113,6 +113,15 @@ def test_recipe_composes_and_resolves_completely_with_its_paths_set(recipe, tmp_
     assert callable(instantiate(cfg.distill.loss))
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_reports_on_a_split_other_than_the_one_it_selects_checkpoints_on(recipe, tmp_path, env):
+    env.setenv("AUDIOSET_DIR", str(tmp_path / "audioset"))
+    env.setenv("CED_CHECKPOINTS_DIR", str(tmp_path / "ced"))
+    cfg = compose_recipe(recipe, tmp_path)
+    if "evaluate" in cfg.stages and {"train", "distill"} & set(cfg.stages):
+        assert cfg.evaluate.shards != cfg.data.val_shards
+
+
 @pytest.mark.parametrize("path", sorted(RECIPE_DIR.rglob("*.yaml")), ids=lambda p: p.relative_to(RECIPE_DIR).as_posix())
 def test_recipe_file_holds_no_machine_path(path):
     values = [line.split("#", 1)[0] for line in path.read_text().splitlines()]

@@ -1,20 +1,25 @@
 """Supervised training and the training machinery: the learning-rate schedule, averaging of the best checkpoints,
-EMA, the head's prior, ensemble members, reuse of exports and the guard against an unfinished run's leftovers."""
+EMA, the head's prior, BatchNorm statistics while a run is young, training precision, ensemble members, reuse of
+exports and the guard against an unfinished run's leftovers."""
 
 from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from ced_train.__main__ import compose, run_stages
-from ced_train.lightning.callbacks import average_checkpoints
+from ced_train.lightning.callbacks import BatchNormCumulativeStart, average_checkpoints
 from ced_train.lightning.fit import StageOutputError
 from ced_train.lightning.losses import LabelBCE
 from ced_train.lightning.module import TaggerModule
 from ced_train.lightning.schedules import warmup_cosine
 from ced_train.models import create_model, load_checkpoint
+from ced_train.stages import build_trainer, native_bf16, training_precision
 
 
 def train_cfg(shards, out_dir, *extra):
@@ -64,6 +69,69 @@ def test_head_bias_prior_sets_the_log_odds_of_presence():
     assert torch.allclose(model.outputlayer[-1].bias, torch.full((7,), math.log(0.01 / 0.99)))
     with pytest.raises(ValueError, match="pooling"):
         TaggerModule(create_model("ced_test", pooling="mean"), "ced_test", LabelBCE(), torch.optim.AdamW)
+    per_class = torch.linspace(0.001, 0.5, 7)
+    TaggerModule(model, "ced_test", LabelBCE(), torch.optim.AdamW, head_bias_prior=per_class)
+    assert torch.allclose(model.outputlayer[-1].bias.sigmoid(), per_class, atol=1e-6)
+    for bad in (0.0, "store", torch.tensor([0.5, 1.0])):
+        with pytest.raises(ValueError, match="head_bias_prior"):
+            TaggerModule(model, "ced_test", LabelBCE(), torch.optim.AdamW, head_bias_prior=bad)
+
+
+class BatchNormProbe(pl.LightningModule):
+    """A BatchNorm of CED's momentum 0.01 over `batches` batches of 8 three-dimensional inputs of mean 5, std 2."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(3, momentum=0.01)
+        self.linear = nn.Linear(3, 1)
+        self.data = 5.0 + 2.0 * torch.randn(batches * 8, 3, generator=torch.Generator().manual_seed(0))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.linear(self.norm(batch)).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+def fit_probe(probe: BatchNormProbe, callbacks: list) -> None:
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=callbacks).fit(probe)
+
+
+def test_batchnorm_statistics_are_the_mean_of_the_batches_seen_while_the_run_is_young():
+    probe = BatchNormProbe(batches=20)
+    fit_probe(probe, [BatchNormCumulativeStart()])
+    batches = probe.data.reshape(20, 8, 3)
+    # After 20 of the first 100 batches: exactly the mean of the batch statistics (an EMA from (0, 1) would still
+    # hold 82 % of its initial mean 0 and variance 1).
+    assert torch.allclose(probe.norm.running_mean, batches.mean(1).mean(0), atol=1e-5)
+    assert torch.allclose(probe.norm.running_var, batches.var(1, unbiased=True).mean(0), atol=1e-4)
+    assert probe.norm.momentum == 0.01  # restored: a finished model is a plain BatchNorm model
+
+
+def test_batchnorm_statistics_of_a_model_that_has_seen_many_batches_keep_their_momentum():
+    probe = BatchNormProbe(batches=1)
+    probe.norm.num_batches_tracked.fill_(1000)
+    probe.norm.running_mean.fill_(4.0)
+    fit_probe(probe, [BatchNormCumulativeStart()])
+    assert torch.allclose(probe.norm.running_mean, 0.99 * 4.0 + 0.01 * probe.data.mean(0), atol=1e-5)
+
+
+def test_training_runs_get_the_batchnorm_start_by_default(synthetic_train_shards, tmp_path):
+    cfg = train_cfg(synthetic_train_shards, tmp_path)
+    trainer = build_trainer(cfg, cfg.train.trainer, tmp_path, run_name="probe")
+    assert any(isinstance(callback, BatchNormCumulativeStart) for callback in trainer.callbacks)
+
+
+def test_precision_auto_is_bf16_where_the_device_computes_it_natively(synthetic_train_shards, tmp_path):
+    assert training_precision("32-true", "cpu") == "32-true"
+    assert training_precision("auto", "cpu") == ("bf16-mixed" if native_bf16("cpu") else "32-true")
+    cfg = train_cfg(synthetic_train_shards, tmp_path, "+train.trainer.precision=auto")
+    trainer = build_trainer(cfg, cfg.train.trainer, tmp_path, run_name="probe")
+    assert trainer.precision == ("bf16-mixed" if native_bf16("cpu") else "32-true")
 
 
 def test_members_train_with_their_own_seeds_and_export_loadable_models(synthetic_train_shards, tmp_path):

@@ -80,9 +80,10 @@ class TaggerModule(pl.LightningModule):
             from any checkpoint, mid-epoch too, draws what the uninterrupted run would have drawn.
         compile: run the training forward through `torch.compile`.
         head_bias_prior: when set, initialise the head's biases to `logit(head_bias_prior)`, the log-odds of a
-            class being present (Lin et al. 2017, "Focal loss", section 4.1). With hundreds of classes that are
-            mostly absent, a zero bias spends the first hundreds of steps pushing every class down before any
-            class is told apart. Loaded weights (resume, fine-tuning) replace it.
+            class being present (Lin et al. 2017, "Focal loss", section 4.1): one probability for every class or a
+            `(num_classes,)` tensor of them (distillation: the store's mean teacher probabilities). With hundreds
+            of classes that are mostly absent, a zero bias spends the first hundreds of steps pushing every class
+            down before any class is told apart. Loaded weights (resume, fine-tuning) replace it.
     """
 
     def __init__(
@@ -94,15 +95,20 @@ class TaggerModule(pl.LightningModule):
         scheduler: Callable[..., LRScheduler] | None = None,
         seed: int = 0,
         compile: bool = False,
-        head_bias_prior: float | None = None,
+        head_bias_prior: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if model.pooling != "logit":
             raise ValueError(f"training needs a model with pooling='logit' (logits for the loss), got {model.pooling!r}")
         if head_bias_prior is not None:
-            if not 0.0 < head_bias_prior < 1.0:
-                raise ValueError(f"head_bias_prior must lie in (0, 1), got {head_bias_prior}")
-            nn.init.constant_(model.outputlayer[-1].bias, math.log(head_bias_prior / (1.0 - head_bias_prior)))
+            bias = model.outputlayer[-1].bias
+            prior = torch.as_tensor(head_bias_prior if not isinstance(head_bias_prior, str) else torch.nan,
+                                    dtype=torch.float64)
+            if not (prior.ndim == 0 or prior.shape == bias.shape) or not bool(((prior > 0) & (prior < 1)).all()):
+                raise ValueError(f"head_bias_prior must be a probability in (0, 1) or {tuple(bias.shape)} of them, "
+                                 f"got {head_bias_prior!r}")
+            with torch.no_grad():
+                bias.copy_(torch.logit(prior).to(bias.dtype).expand_as(bias))
         self.model = model
         self.model_name = model_name
         self.loss = loss

@@ -63,9 +63,28 @@ def is_global_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
+def native_bf16(accelerator: str) -> bool:
+    """Whether the training device computes bf16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16
+    or AMX (elsewhere CPU bf16 is emulated and slower than float32)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # torch.cpu's feature probes are private; a release without them counts as no native bf16.
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def training_precision(precision: str, accelerator: str) -> str:
+    """Lightning's `precision` of a training run: "auto" is bf16-mixed where the device computes bf16 natively
+    (`native_bf16`), 32-true elsewhere; any other value as given."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if native_bf16(accelerator) else "32-true"
+
+
 def build_trainer(cfg: DictConfig, schedule: DictConfig, root_dir: Path, run_name: str) -> pl.Trainer:
-    """The Trainer of one training run: `cfg.trainer` plus the stage's `schedule` (max_epochs, validation cadence),
-    fresh callbacks (checkpoints under `root_dir/checkpoints`) and loggers named `run_name`."""
+    """The Trainer of one training run: `cfg.trainer` plus the stage's `schedule` (max_epochs, validation cadence,
+    any Trainer argument, which wins), fresh callbacks (checkpoints under `root_dir/checkpoints`) and loggers named
+    `run_name`; precision "auto" resolved by `training_precision`."""
     callbacks = []
     for name, node in (cfg.callbacks or {}).items():
         if name in ("model_checkpoint", "last_checkpoint"):
@@ -73,9 +92,10 @@ def build_trainer(cfg: DictConfig, schedule: DictConfig, root_dir: Path, run_nam
         else:
             callbacks.append(instantiate(node))
     loggers = [instantiate(node, name=run_name) for node in (cfg.logger or {}).values()]
+    arguments = {**OmegaConf.to_container(cfg.trainer, resolve=True), **OmegaConf.to_container(schedule, resolve=True)}
+    arguments["precision"] = training_precision(str(arguments.get("precision", "32-true")), str(arguments.get("accelerator", "auto")))
     return instantiate(
-        cfg.trainer,
-        **OmegaConf.to_container(schedule, resolve=True),
+        arguments,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(root_dir),

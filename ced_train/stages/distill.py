@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -24,6 +25,25 @@ from ced_train.stages import build_trainer, fingerprint, training_identity
 from ced_train.store import StoreError, TeacherStore
 
 log = logging.getLogger(__name__)
+
+
+# A class the teachers never rank in their top-k starts at this probability, not at 0 (a logit of -inf).
+PRIOR_FLOOR = 1e-4
+
+
+def head_prior(option: float | str | None, store_path: Path) -> float | torch.Tensor | None:
+    """`distill.head_bias_prior`: "store" → `(classes,)` the store's mean teacher probability per class, clipped
+    to [PRIOR_FLOOR, 1 - PRIOR_FLOOR]; a probability or None as given."""
+    if option != "store":
+        if isinstance(option, str):
+            raise ValueError(f"distill.head_bias_prior={option!r}: expected store, a probability in (0, 1) or null")
+        return option
+    with TeacherStore(store_path) as store:
+        means = store.mean_probabilities()
+    prior = torch.from_numpy(means).clamp(PRIOR_FLOOR, 1 - PRIOR_FLOOR)
+    log.info("distill: head bias from the store's mean teacher probabilities (%d of %d classes above %g, "
+             "largest %.3f)", int((means > PRIOR_FLOOR).sum()), len(means), PRIOR_FLOOR, means.max())
+    return prior
 
 
 def run(cfg: DictConfig) -> dict:
@@ -56,6 +76,7 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     model = instantiate(stage.model, num_classes=spec.num_classes)
     init = init_from_checkpoint(model, stage.init_checkpoint, cfg.trust_checkpoints) if stage.init_checkpoint else None
+    prior = None if init is not None and init.head_loaded else head_prior(stage.head_bias_prior, store_path)
     module = TaggerModule(
         model,
         model_name=stage.model.name,
@@ -64,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
         scheduler=instantiate(stage.optim.scheduler),
         seed=cfg.seed,
         compile=stage.compile,
-        head_bias_prior=None if init is not None and init.head_loaded else stage.head_bias_prior,
+        head_bias_prior=prior,
     )
     datamodule = ViewsDataModule(
         train_shards=cfg.data.train_shards,

@@ -273,6 +273,33 @@ class TeacherStore:
         except OSError as error:
             raise StoreError(f"{self.path}: read of view {view}, rows {start}:{stop} failed: {error}") from error
 
+    def mean_probabilities(self, max_blocks: int = 256) -> np.ndarray:
+        """`(num_classes,)` float64 mean teacher probability of each class over the written (row, view) pairs; a
+        class outside a view's top-k counts as 0 there (the loss's default fill).
+
+        Reads each view in blocks of `CHUNK_CLIPS` rows (one HDF5 chunk each): all of them in stores of up to
+        `max_blocks` blocks, else `max_blocks` blocks spread evenly over the rows (262,144 rows per view, plenty for
+        a class mean, instead of the whole of an AS-2M store on every rank).
+        """
+        file = self.file
+        starts = np.arange(0, self.num_rows, CHUNK_CLIPS)
+        if len(starts) > max_blocks:
+            starts = starts[np.linspace(0, len(starts) - 1, max_blocks).round().astype(np.int64)]
+        sums = np.zeros(self.spec.num_classes, np.float64)
+        written = 0
+        for view in range(self.num_views):
+            for start in starts.tolist():
+                stop = min(start + CHUNK_CLIPS, self.num_rows)
+                values = file["topk_values"][view, start:stop]
+                indices = file["topk_indices"][view, start:stop]
+                rows = indices[:, 0] != MISSING_INDEX
+                written += int(rows.sum())
+                sums += np.bincount(indices[rows].ravel().astype(np.int64), weights=values[rows].ravel(),
+                                    minlength=self.spec.num_classes)
+        if written == 0:
+            raise StoreError(f"{self.path}: no (row, view) written: no teacher outputs to average")
+        return sums / written
+
     def shift_samples(self, view: int, start: int, stop: int) -> np.ndarray:
         """`(n,)` int32 waveform shift of one view of rows `[start, stop)` (`augment.shift_chunk`); zeros in a
         store whose views shift frames only."""
