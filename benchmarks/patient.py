@@ -12,7 +12,7 @@
 
 Prints the student's validation mAP per epoch beside those levels, the first validation at which it passes the
 baseline and the ensemble − 3 line, its eval mAP against the ensemble's, and the wall time; plots the curves (with
-the 8-epoch demo student's when its export is there) to `--out`. About 50 minutes per student on 2 CPU cores.
+the demo student's when its export is there) to `--out`. About 50 minutes per student on 2 CPU cores.
 
     python benchmarks/patient.py [--fresh] [--out patient_val_map.png] [OVERRIDE ...]
 """
@@ -89,7 +89,7 @@ def main() -> None:
     levels[f"ensemble − {GAP:.0f}"] = levels["ensemble"] - GAP
     demo = read_provenance(Path(cfg.paths.artifacts_dir) / "tiny_distill" / "student" / "student.ckpt")
     if demo and demo.get("val_history"):
-        curves["student of the 8-epoch demo (tiny_distill)"] = demo["val_history"]
+        curves[f"student of the demo (tiny_distill, {demo['epochs']} epochs)"] = demo["val_history"]
 
     print(f"\nvalidation split ({val_systems['ensemble']['num_clips']} clips): "
           + ", ".join(f"{name} {level:.2f}" for name, level in levels.items()))

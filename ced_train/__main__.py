@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ced_train.data.manifest import write_json_atomic
+from ced_train.lightning.fit import StageOutputError
 from ced_train.models import CheckpointError
 from ced_train.report import write_report
 from ced_train.stages import distill, evaluate, is_global_zero, prepare, teach, train
@@ -282,7 +283,8 @@ def usage() -> str:
     )
 
 
-USER_ERRORS = (MissingInputError, StageListError, CheckpointError, StoreError, StageError)
+# StageOutputError: an output of other settings, or an unfinished run's leftovers; the message names the option.
+USER_ERRORS = (MissingInputError, StageListError, CheckpointError, StoreError, StageError, StageOutputError)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

@@ -1,5 +1,6 @@
 """Errors of the Hydra app's stages reach the user as one line and exit code 2, naming the file or option, and leave
-nothing half-written: a full disk during the teacher pass, a store of the old format, a checkpoint of other classes."""
+nothing half-written: a full disk during the teacher pass, a store of the old format, a checkpoint of other classes,
+an export made from other settings."""
 
 from __future__ import annotations
 
@@ -107,3 +108,14 @@ def test_a_setting_a_config_object_refuses_is_one_line_with_the_reason_and_the_o
                           "teachers.name=one", f"teachers.checkpoints=[{teacher}]", "augment.clip_samples=16000"))
     assert line.startswith("error: stage teach: augment config: time_mask_max_frames=192 must lie in [0, 101]"), line
     assert "(full_key: augment)" in line
+
+
+def test_an_export_made_from_other_settings_is_one_line_naming_the_overwrite_option(tmp_path):
+    shards = make_shards(tmp_path / "train", [1.0] * 4, samples_per_shard=4)
+    export = tmp_path / "teachers" / "member0.ckpt"
+    export.parent.mkdir()
+    torch.save({"ced_model": {}, "ced_provenance": {"fingerprint": "0123456789abcdef"}}, export)
+    line = error_line(app(tmp_path, "stages=[train]", f"data.train_shards={shards}", f"data.val_shards={shards}",
+                          f"train.out_dir={export.parent}", "model@train.model=ced_test"))
+    assert line.startswith(f"error: {export} exists and was made from other inputs"), line
+    assert "0123456789abcdef" in line and "train.overwrite=true" in line

@@ -19,7 +19,7 @@ from ced_train.data import read_manifest
 from ced_train.labels import NUM_AUDIOSET_CLASSES, load_class_labels
 from data_prep import synthetic
 from data_prep.audioset import LABEL_FILE_NAME, default_class_labels
-from helpers import ENV_VARS, app_env
+from helpers import ENV_VARS, app_env, run_until_stalled
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "tiny_distill_audioset"
@@ -51,9 +51,9 @@ def own_dir(tmp_path_factory) -> Path:
 
 
 def test_own_directory_is_distilled_under_its_own_name_with_its_own_classes(own_dir, tmp_path):
-    result = subprocess.run(
+    result = run_until_stalled(
         [sys.executable, "-m", "ced_train", f"+recipe={RECIPE}", "~local", f"paths.audioset_dir={own_dir}", *SHRINK],
-        cwd=REPO, env=app_env(tmp_path), capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=app_env(tmp_path), watch=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     results_path = Path(result.stdout.strip().splitlines()[-1].removeprefix("results: "))
     assert results_path.parent.parent == tmp_path / "runs" / RECIPE

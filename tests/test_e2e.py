@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import run_until_stalled
+
 REPO = Path(__file__).resolve().parents[1]
 SHRINK = [
     "prepare.synthetic.train=32", "prepare.synthetic.eval=16", "prepare.samples_per_shard=16", "prepare.workers=1",
@@ -24,8 +26,8 @@ SHRINK = [
 def run_demo(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)  # offline must be the configuration's default, not the environment's
-    return subprocess.run([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", "~local", *SHRINK], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_until_stalled([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", "~local", *SHRINK], cwd=REPO,
+                             env=env, watch=root)
 
 
 def test_tiny_distill_runs_end_to_end_then_reuses_every_stage(tmp_path):
