@@ -26,20 +26,30 @@ def app_env(root: Path) -> dict[str, str]:
     return {**environ, "CED_ROOT": str(root), "WANDB_SILENT": "true"}
 
 
+def newest_write(root: Path) -> float:
+    """The latest modification time (s) of a file below `root`; files that vanish while it looks are passed over."""
+    newest = 0.0
+    for entry in root.rglob("*"):
+        try:
+            newest = max(newest, entry.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+    return newest
+
+
 def run_until_stalled(command: list[str], cwd: Path, env: dict[str, str], watch: Path,
                       stall_s: float = 300.0) -> subprocess.CompletedProcess:
     """Run `command` to its end however long a loaded machine makes it, but kill it once it stops making progress:
     no new output and no file below `watch` written for `stall_s` seconds (a hang, not slowness). Returns the
     completed process with its output as text; a stalled one raises TimeoutError naming the command and its tail."""
     def progress() -> tuple:
-        newest = max((entry.stat().st_mtime for entry in watch.rglob("*") if entry.is_file()), default=0.0)
-        return out.tell(), err.tell(), newest
+        return os.fstat(out.fileno()).st_size, os.fstat(err.fileno()).st_size, newest_write(watch)
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
         marker, moved = progress(), time.monotonic()
         while process.poll() is None:
-            time.sleep(2.0)
+            time.sleep(min(2.0, stall_s / 4))
             now = progress()
             if now != marker:
                 marker, moved = now, time.monotonic()
