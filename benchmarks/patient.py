@@ -45,12 +45,13 @@ def plot(curves: dict[str, list[dict]], levels: dict[str, float], path: Path, ti
     for i, (name, history) in enumerate(curves.items()):
         axes.plot([p["epoch"] + 1 for p in history], [100 * p["mAP"] for p in history], color=f"C{i}", label=name,
                   marker="o" if len(history) < 10 else None)
-    styles = {"ensemble": ("black", "-"), f"ensemble − {GAP:.0f}": ("black", ":"), "baseline_logreg": ("C3", "--")}
-    for name, level in levels.items():
-        color, style = styles.get(name, ("grey", (0, (1, 3))))
-        axes.axhline(level, color=color, linestyle=style, linewidth=1.2 if name in styles else 0.8)
-        axes.annotate(f"{name} {level:.1f}", (1.0, level), xycoords=("axes fraction", "data"), xytext=(-4, 2),
-                      textcoords="offset points", ha="right", fontsize=7, color=color)
+    # (colour, line style, label above or below the line); the teachers one by one are printed, not drawn.
+    styles = {"baseline_logreg": ("C3", "--", 2), "ensemble": ("black", "-", -9),
+              f"ensemble − {GAP:.0f}": ("black", ":", -9)}
+    for name, (color, style, offset) in styles.items():
+        axes.axhline(levels[name], color=color, linestyle=style, linewidth=1.2)
+        axes.annotate(f"{name} {levels[name]:.1f}", (0.0, levels[name]), xycoords=("axes fraction", "data"),
+                      xytext=(4, offset), textcoords="offset points", fontsize=8, color=color)
     axes.set(xlabel="epochs trained", ylabel="validation mAP (%)", title=title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)

@@ -57,8 +57,8 @@ pytestmark = pytest.mark.timeout(3600)
 
 
 def run_app(root: Path, *overrides: str) -> dict:
-    result = run_until_stalled([sys.executable, "-m", "ced_train", "+recipe=tiny_distill", "~local", *SMALL, *overrides],
-                               cwd=REPO, env=app_env(root), watch=root)
+    command = [sys.executable, "-m", "ced_train", "+recipe=tiny_distill", "~local", *SMALL, *overrides]
+    result = run_until_stalled(command, cwd=REPO, env=app_env(root), watch=root)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(Path(result.stdout.strip().splitlines()[-1].removeprefix("results: ")).read_text())
 

@@ -93,7 +93,8 @@ def build_trainer(cfg: DictConfig, schedule: DictConfig, root_dir: Path, run_nam
             callbacks.append(instantiate(node))
     loggers = [instantiate(node, name=run_name) for node in (cfg.logger or {}).values()]
     arguments = {**OmegaConf.to_container(cfg.trainer, resolve=True), **OmegaConf.to_container(schedule, resolve=True)}
-    arguments["precision"] = training_precision(str(arguments.get("precision", "32-true")), str(arguments.get("accelerator", "auto")))
+    arguments["precision"] = training_precision(str(arguments.get("precision", "32-true")),
+                                                str(arguments.get("accelerator", "auto")))
     return instantiate(
         arguments,
         callbacks=callbacks,
