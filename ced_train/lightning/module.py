@@ -102,9 +102,8 @@ class TaggerModule(pl.LightningModule):
             raise ValueError(f"training needs a model with pooling='logit' (logits for the loss), got {model.pooling!r}")
         if head_bias_prior is not None:
             bias = model.outputlayer[-1].bias
-            prior = torch.as_tensor(head_bias_prior if not isinstance(head_bias_prior, str) else torch.nan,
-                                    dtype=torch.float64)
-            if not (prior.ndim == 0 or prior.shape == bias.shape) or not bool(((prior > 0) & (prior < 1)).all()):
+            prior = None if isinstance(head_bias_prior, str) else torch.as_tensor(head_bias_prior, dtype=torch.float64)
+            if prior is None or prior.shape not in ((), bias.shape) or not bool(((prior > 0) & (prior < 1)).all()):
                 raise ValueError(f"head_bias_prior must be a probability in (0, 1) or {tuple(bias.shape)} of them, "
                                  f"got {head_bias_prior!r}")
             with torch.no_grad():
