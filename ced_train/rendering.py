@@ -21,6 +21,7 @@ from torch.utils.data import get_worker_info
 
 from ced_train.augment import VIEW_PARAMS_DTYPE, apply
 from ced_train.models.frontend import LogMelFrontEnd
+from ced_train.transfer import copies_async
 
 PCM_SCALE = 32768.0  # int16 samples / 32768 = the float waveform the shards decode to (exact in float32)
 
@@ -46,7 +47,10 @@ class ViewInputs:
     def __len__(self) -> int:
         return self.clip.shape[0]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewInputs:
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> ViewInputs:
+        """The inputs on `device`; `non_blocking=None` (what Lightning passes: nothing) is `transfer.copies_async`."""
+        non_blocking = copies_async(device, non_blocking)
+
         def move(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(device, non_blocking=non_blocking)
 

@@ -22,7 +22,8 @@ Three ways to use it:
   draws new parameters for every epoch; with `ViewSampler(..., reference=True)` and a store, the reference's
   `disable_consistency` views (no shift, fresh masks, the stored mixup).
 
-Call `set_epoch(epoch)` before each epoch (the DataLoader must not use persistent workers, so workers see it).
+Call `set_epoch(epoch)` before each epoch; under a DataLoader, `lightning.data.EqualBatches` carries the epoch to its
+workers, persistent ones included.
 """
 
 from __future__ import annotations

@@ -196,3 +196,24 @@ class HashTeacher:
             classes = np.random.default_rng(list(digest)).permutation(self.num_classes)[:20]
             logits[i, torch.from_numpy(classes)] = torch.linspace(3.0, -2.0, 20)
         return logits
+
+
+class RecordTrainingBatches:
+    """A Lightning callback (`+callbacks.record._target_=helpers.RecordTrainingBatches +callbacks.record.out=F`) that
+    appends to JSON-lines file `F`, for every training batch, its epoch, keys and store views and the process ids of
+    the training DataLoader's workers (empty without workers)."""
+
+    def __new__(cls, out: str):
+        import json
+
+        from lightning.pytorch.callbacks import Callback
+
+        class _Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                iterator = getattr(trainer.fit_loop._combined_loader.flattened[0], "_iterator", None)
+                pids = sorted(worker.pid for worker in getattr(iterator, "_workers", []))
+                with open(out, "a") as handle:
+                    handle.write(json.dumps({"epoch": trainer.current_epoch, "keys": batch.keys,
+                                             "views": batch.views.tolist(), "worker_pids": pids}) + "\n")
+
+        return _Record()

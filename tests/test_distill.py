@@ -66,9 +66,9 @@ def distill_cfg(tiny, out_dir, *extra):
                     f"paths.output_dir={out_dir}/logs", *extra])
 
 
-def datamodule(tiny, views="replay") -> ViewsDataModule:
+def datamodule(tiny, views="replay", num_workers=0) -> ViewsDataModule:
     dm = ViewsDataModule(tiny["shards"], tiny["shards"], batch_size=4, eval_batch_size=8, seed=0,
-                         store=tiny["store"], views=views, fresh_seed=99)
+                         store=tiny["store"], views=views, fresh_seed=99, num_workers=num_workers)
     dm.setup("fit")
     return dm
 
@@ -223,7 +223,8 @@ def test_distill_resumed_at_an_epoch_boundary_matches_the_uninterrupted_run(tiny
 def test_distill_killed_mid_epoch_resumes_to_the_weights_of_the_uninterrupted_run(tiny, tmp_path):
     """Validation (and last.ckpt) every 2 steps across epochs of 5 batches; the run is SIGKILLed after step 6's
     checkpoint, in the middle of epoch 1. Two DataLoader workers: the resumed epoch must hand out the batches after
-    the trained ones in the order of the uninterrupted run."""
+    the trained ones in the order of the uninterrupted run; resuming with one worker (another cut of the epoch's
+    batches) is refused in one line."""
     schedule = ["data.num_workers=2", "distill.trainer.max_epochs=2", "+distill.trainer.val_check_interval=2",
                 "distill.trainer.check_val_every_n_epoch=null"]
     run_stages(distill_cfg(tiny, tmp_path / "straight", *schedule))
@@ -239,6 +240,9 @@ def test_distill_killed_mid_epoch_resumes_to_the_weights_of_the_uninterrupted_ru
     assert last["global_step"] == 6 and last["epoch"] == 1  # mid-epoch: 1 of epoch 1's 5 batches trained
     assert not (killed / "student.ckpt").exists()
 
+    other_cut = [o.replace("num_workers=2", "num_workers=1") for o in schedule]
+    with pytest.raises(StageError, match=r"1 batches into epoch 1 .*data.num_workers=2 then, 1 now"):
+        run_stages(distill_cfg(tiny, killed, *other_cut, "distill.resume=auto"))
     resumed, _ = run_stages(distill_cfg(tiny, killed, *schedule, "distill.resume=auto"))
     assert resumed["distill"]["resumed_from"].endswith("last.ckpt") and resumed["distill"]["steps"] == 10
 
@@ -358,3 +362,38 @@ def test_three_process_ddp_teach_distill_evaluate_from_an_official_checkpoint(ti
         assert [len(keys) for keys in seen] == [4, 4, 4]
         assert len(set().union(*seen)) == 12
     assert (out_dir / "student.ckpt").is_file()
+
+
+def test_persistent_workers_keep_their_processes_and_replay_each_epochs_exact_batches(tiny, tmp_path):
+    """Three epochs with two DataLoader workers forked once: every epoch's batches are those of a loader made afresh
+    for that epoch (its view, shuffle and order), from the same two worker processes."""
+    records = tmp_path / "batches.jsonl"
+    run_stages(distill_cfg(tiny, tmp_path / "run", "data.num_workers=2", "distill.trainer.max_epochs=3",
+                           "distill.trainer.check_val_every_n_epoch=3", "+callbacks.record._target_=helpers.RecordTrainingBatches",
+                           f"+callbacks.record.out={records}"))
+    seen = [json.loads(line) for line in records.read_text().splitlines()]
+    dm = datamodule(tiny, num_workers=2)
+    for epoch in range(3):
+        trained = [(record["keys"], record["views"]) for record in seen if record["epoch"] == epoch]
+        assert trained == [(batch.keys, batch.views.tolist()) for batch in epoch_batches(dm, epoch)], epoch
+    pids = {tuple(record["worker_pids"]) for record in seen}
+    assert len(pids) == 1 and len(next(iter(pids))) == 2 and os.getpid() not in next(iter(pids))
+
+
+def test_a_forked_worker_reads_the_store_through_its_own_hdf5_handle(tiny):
+    """As a DataLoader worker is made: forked after the parent opened the store, the store object inherited as is."""
+    store = TeacherStore(tiny["store"])
+    parent_handle = store.file
+    context = torch.multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_send_handle_and_keys, args=(store, send))  # fork: args are not pickled
+    child.start()
+    own_handle, child_keys = receive.recv()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and own_handle and child_keys == store.keys(0, 3)
+    assert store.file is parent_handle and store.keys(0, 3) == child_keys  # the parent's handle stays its own
+
+
+def _send_handle_and_keys(store: TeacherStore, send) -> None:
+    inherited = store._file
+    send.send((store.file is not inherited, store.keys(0, 3)))

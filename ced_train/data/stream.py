@@ -12,6 +12,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ced_train.data.manifest import Manifest
 from ced_train.data.shards import Clip, iter_shard
+from ced_train.transfer import copies_async
 
 PADDING_SAMPLES = 1600  # 0.1 s of silence: the waveform of a padding clip
 
@@ -160,7 +161,9 @@ class ClipBatch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> ClipBatch:
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> ClipBatch:
+        """The batch on `device`; `non_blocking=None` (what Lightning passes: nothing) is `transfer.copies_async`."""
+        non_blocking = copies_async(device, non_blocking)
         return replace(self, waveform=self.waveform.to(device, non_blocking=non_blocking),
                        lengths=self.lengths.to(device, non_blocking=non_blocking),
                        labels=self.labels.to(device, non_blocking=non_blocking),
@@ -168,7 +171,7 @@ class ClipBatch:
 
     def pin_memory(self) -> ClipBatch:  # called by DataLoader(pin_memory=True)
         return replace(self, waveform=self.waveform.pin_memory(), lengths=self.lengths.pin_memory(),
-                       labels=self.labels.pin_memory())
+                       labels=self.labels.pin_memory(), padding=self.padding.pin_memory())
 
 
 def collate_clips(clips: Sequence[Clip], num_classes: int) -> ClipBatch:

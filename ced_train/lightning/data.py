@@ -27,6 +27,7 @@ from ced_train.data.stream import contiguous_part
 from ced_train.lightning.batches import DistillBatch, SupervisedBatch
 from ced_train.rendering import collate_views
 from ced_train.store import TeacherStore
+from ced_train.transfer import pins_memory
 from ced_train.views import ViewDataset
 
 
@@ -49,6 +50,11 @@ def collate_distill(items: list[dict]) -> DistillBatch:
     )
 
 
+# The option that sets each part of the cut of an epoch into batches (`ViewsDataModule.state_dict`).
+OPTION = {"world_size": "trainer.devices x trainer.num_nodes", "num_workers": "data.num_workers",
+          "batch_size": "data.batch_size"}
+
+
 class EqualBatches(IterableDataset):
     """`num_batches` batches of `batch_size` items per epoch on every rank, all ranks' clips disjoint.
 
@@ -57,7 +63,11 @@ class EqualBatches(IterableDataset):
     others every epoch as the order changes), and a rank's batches into one contiguous run per DataLoader worker,
     whatever the shard count. Workers take turns, so batch `i` of the loader is batch `i // W` of the run of turn
     `i % W`. `resume_at(epoch, done)` makes that epoch's next iterator yield only the batches after its first `done`
-    (which a mid-epoch checkpoint had trained on), in the same order. Use with `DataLoader(batch_size=None)`; `len()` is `num_batches`.
+    (which a mid-epoch checkpoint had trained on), in the same order. Use with `DataLoader(batch_size=None)`; `len()`
+    is `num_batches`.
+
+    The epoch and the resume point live in shared memory: persistent DataLoader workers, forked once, read them
+    when each epoch's iterator starts (`set_epoch` before `iter(loader)`, as Lightning's `on_train_epoch_start`).
     """
 
     def __init__(self, dataset: ViewDataset, batch_size: int, rank: int, world_size: int,
@@ -71,19 +81,23 @@ class EqualBatches(IterableDataset):
             raise ValueError(f"{dataset.num_rows} training chunk rows are fewer than one batch of {batch_size} per rank "
                              f"on {world_size} rank(s): lower data.batch_size")
         self.collate = collate
-        self._resume = (0, 0)
+        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, resume epoch, batches done of it
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def set_epoch(self, epoch: int) -> None:
+        self._state[0] = epoch
+
     def resume_at(self, epoch: int, done: int) -> None:
-        self._resume = (epoch, done)
+        self._state[1:] = torch.tensor([epoch, done])
 
     def __iter__(self) -> Iterator[object]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        resume_epoch, done = self._resume
-        done = done if self.dataset.epoch == resume_epoch else 0
+        epoch, resume_epoch, done = self._state.tolist()
+        self.dataset.set_epoch(epoch)
+        done = done if epoch == resume_epoch else 0
         # The loader asks worker 0 first: after `done` batches, that is the turn of the worker who had batch `done`.
         turn = (worker_id + done) % num_workers
         first, stop = contiguous_part(self.num_batches, turn, num_workers)
@@ -162,8 +176,31 @@ class ViewsDataModule(pl.LightningDataModule):
         return self.train_batches.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's shuffle and view; the DataLoader's workers copy it when the epoch's iterator starts."""
+        """Select the epoch's shuffle and view; the DataLoader's workers read it when the epoch's iterator starts."""
         self.train_set.set_epoch(epoch)
+        self.train_batches.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """How the epoch's batches are cut (kept in checkpoints): a mid-epoch checkpoint's count of batches done
+        means the same batches only under the same cut."""
+        return {"batch_layout": self._batch_layout()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved_layout = state_dict.get("batch_layout")
+
+    def _batch_layout(self) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size}
+
+    def _check_resume_layout(self, epoch: int, done: int) -> None:
+        """Refuse to continue a mid-epoch checkpoint under another cut of the epoch's batches, which would repeat
+        some of its batches and skip others."""
+        saved, now = getattr(self, "_saved_layout", None), self._batch_layout()
+        if done == 0 or saved is None or saved == now:
+            return
+        differ = ", ".join(f"{OPTION[key]}={saved[key]} then, {now[key]} now" for key in now if saved.get(key) != now[key])
+        raise ValueError(f"the checkpoint stopped {done} batches into epoch {epoch} with another cut of the epoch's "
+                         f"batches ({differ}): resume with the checkpoint's settings, or from a checkpoint written at "
+                         "an epoch's end")
 
     def train_dataloader(self) -> DataLoader:
         # Called once when fitting starts, also when resuming, and that first iterator (whose workers copy the
@@ -174,15 +211,22 @@ class ViewsDataModule(pl.LightningDataModule):
         if self.trainer:
             epoch = self.trainer.fit_loop.epoch_progress.current.processed
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = done if done < self.num_batches else 0
+        self._check_resume_layout(epoch, done)
         self.set_epoch(epoch)
-        self.train_batches.resume_at(epoch, done if done < self.num_batches else 0)
+        self.train_batches.resume_at(epoch, done)
+        # Workers forked once for the whole fit: each epoch only restarts their iterators (`EqualBatches` reads the
+        # epoch from shared memory), with no fork, shard re-opening or first-block decode per epoch.
         return DataLoader(
             self.train_batches,
             batch_size=None,
             num_workers=self.num_workers,
-            persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
         )
+
+    def _pin_memory(self) -> bool:
+        return pins_memory(self.trainer.strategy.root_device) if self.trainer else False
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -190,5 +234,5 @@ class ViewsDataModule(pl.LightningDataModule):
             batch_size=self.eval_batch_size,
             collate_fn=partial(collate_clips, num_classes=self.val_manifest.num_classes),
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._pin_memory(),
         )

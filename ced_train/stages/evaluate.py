@@ -26,6 +26,7 @@ from ced_train.metrics import tagging_metrics, write_per_class_csv
 from ced_train.models import load_checkpoint
 from ced_train.models.frontend import LogMelFrontEnd
 from ced_train.stages import autocast_dtype, is_global_zero
+from ced_train.transfer import copies_async, pins_memory
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def run(cfg: DictConfig) -> dict:
         batch_size=stage.batch_size,
         collate_fn=partial(collate_clips, num_classes=manifest.num_classes),
         num_workers=min(stage.num_workers, len(manifest.shards)),
+        pin_memory=pins_memory(device),
     )
     probs: dict[str, list[np.ndarray]] = {path: [] for path in checkpoints}
     baseline_probs: list[np.ndarray] = []
@@ -82,7 +84,9 @@ def run(cfg: DictConfig) -> dict:
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for batch in tqdm(loader, total=-(-manifest.num_samples // stage.batch_size), desc="evaluate",
                           unit="batch", dynamic_ncols=True):
-            waveform, lengths = batch.waveform.to(device), batch.lengths.to(device)
+            non_blocking = copies_async(device)
+            waveform = batch.waveform.to(device, non_blocking=non_blocking)
+            lengths = batch.lengths.to(device, non_blocking=non_blocking)
             for path, model in models.items():
                 probs[path].append(clip_probabilities(model, waveform, lengths).cpu().numpy())
             if probe is not None:
