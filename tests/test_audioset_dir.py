@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -87,17 +88,24 @@ def test_own_directory_is_distilled_under_its_own_name_with_its_own_classes(own_
     assert (results_path.parent / "results.md").is_file()
 
 
-def test_directory_without_class_labels_is_prepared_with_the_shipped_audioset_classes(own_dir, tmp_path, monkeypatch):
+def test_directory_without_class_labels_is_prepared_with_the_shipped_audioset_classes_in_the_codec_asked(
+        own_dir, tmp_path, monkeypatch):
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     bare = tmp_path / "bare"
     shutil.copytree(own_dir, bare)
     (bare / LABEL_FILE_NAME).unlink()
     cfg = compose([f"+recipe={RECIPE}", "~local", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
-                   f"paths.audioset_dir={bare}", "stages=[prepare]", *SHRINK])
+                   f"paths.audioset_dir={bare}", "stages=[prepare]", "prepare.codec=pcm16", *SHRINK])
     results, _ = run_stages(cfg)
     assert {split: summary["classes"] for split, summary in results["prepare"]["shards"].items()} == {
         "train": NUM_AUDIOSET_CLASSES, "val": NUM_AUDIOSET_CLASSES, "eval": NUM_AUDIOSET_CLASSES}
+    for summary in results["prepare"]["shards"].values():
+        assert json.loads((Path(summary["path"]) / "manifest.json").read_text())["codec"] == "pcm16"
+        first_shard = sorted(Path(summary["path"]).glob("*.tar"))[0]
+        with tarfile.open(first_shard) as tar:
+            assert any(name.endswith(".pcm16") for name in tar.getnames())
+            assert not any(name.endswith(".flac") for name in tar.getnames())
     assert read_manifest(tmp_path / "data" / "shards" / "own_audioset" / "train").class_mids == load_class_labels().mids
 
 

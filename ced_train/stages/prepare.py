@@ -48,7 +48,8 @@ def run(cfg: DictConfig) -> dict:
     shards = {}
     for split, source in stage.splits.items():
         argv = ["--segments", *map(str, source.segments), "--audio-dir", str(source.audio_dir), "--out",
-                str(source.out), "--samples-per-shard", str(stage.samples_per_shard), "--workers", str(stage.workers),
+                str(source.out), "--samples-per-shard", str(stage.samples_per_shard), "--codec", str(stage.codec),
+                "--workers", str(stage.workers),
                 "--seed", str(cfg.seed), "--no-progress"]
         if stage.class_labels:
             argv += ["--class-labels", str(stage.class_labels)]
