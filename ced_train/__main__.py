@@ -187,6 +187,20 @@ def device_count(devices, accelerator: str) -> int:
     return int(text)
 
 
+def per_process_batch(global_batch: int, devices, num_nodes: int, accelerator: str) -> int:
+    """Resolver `${per_process_batch:GLOBAL,DEVICES,NODES,ACCELERATOR}`: each data-parallel process's share of a
+    global batch, so that a recipe keeps the paper's batch (and schedule) on any number of devices."""
+    processes = device_count(devices, str(accelerator)) * int(num_nodes)
+    if int(global_batch) % processes:
+        raise ValueError(f"data.global_batch_size={global_batch} does not split evenly over {processes} processes "
+                         f"(trainer.devices={devices} x trainer.num_nodes={num_nodes}): choose a device count that "
+                         "divides it, or set data.batch_size yourself")
+    return int(global_batch) // processes
+
+
+OmegaConf.register_new_resolver("per_process_batch", per_process_batch, replace=True)
+
+
 def lightning_starts_processes(cfg: DictConfig) -> bool:
     """True when the training stages' Trainer will start its own processes by re-running the command line: a DDP
     strategy (or `auto`) over several devices or nodes, in a process that no launcher started (Lightning's own
