@@ -217,3 +217,46 @@ class RecordTrainingBatches:
                                              "views": batch.views.tolist(), "worker_pids": pids}) + "\n")
 
         return _Record()
+
+
+class WaitAtStep:
+    """A Lightning callback (`+callbacks.wait._target_=helpers.WaitAtStep +callbacks.wait.step=N
+    +callbacks.wait.marker=M`) that, once per marker, before batch N + 1 writes its process id to `M` and waits
+    (at most 120 s) until the file `M.go` exists: time for a test to signal this very process mid-training."""
+
+    def __new__(cls, step: int, marker: str):
+        import os
+        import time
+        from pathlib import Path
+
+        from lightning.pytorch.callbacks import Callback
+
+        class _Wait(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                path = Path(marker)
+                if trainer.global_step != step or path.exists():
+                    return
+                path.write_text(str(os.getpid()))
+                deadline = time.monotonic() + 120
+                while not path.with_name(path.name + ".go").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+        return _Wait()
+
+
+class AppJob:
+    """A submitit job that runs the app's stages for `overrides` and returns their results; `checkpoint` resubmits
+    it unchanged, as hydra-submitit-launcher does with a Hydra job (the requeued run finds its outputs again)."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        self.overrides = overrides
+
+    def __call__(self) -> dict:
+        from ced_train.__main__ import compose, run_stages
+
+        return run_stages(compose(self.overrides))[0]
+
+    def checkpoint(self):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)

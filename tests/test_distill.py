@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ced_train.rendering import ViewRenderer
 from ced_train.stages.distill import PRIOR_FLOOR, head_prior
 from ced_train.store import TeacherStore, topk_to_dense
 from ced_train.teachers import load_ensemble
+import helpers
 from helpers import make_shards
 
 VIEWS = 3
@@ -397,3 +399,39 @@ def test_a_forked_worker_reads_the_store_through_its_own_hdf5_handle(tiny):
 def _send_handle_and_keys(store: TeacherStore, send) -> None:
     inherited = store._file
     send.send((store.file is not inherited, store.keys(0, 3)))
+
+
+def test_a_job_warned_of_its_time_limit_saves_its_step_and_submitit_requeues_it_to_continue_there(tiny, tmp_path,
+                                                                                                   monkeypatch):
+    """SIGUSR2, what SLURM sends (through submitit) before a job's time limit, reaches the training process at step
+    2 of 10 (mid-epoch, no periodic checkpoint due): last.ckpt is written at that step, submitit's own handler
+    requeues the job (its local executor restarts it, as SLURM would), and the requeued run continues from there
+    (resume=auto) to the weights of the uninterrupted run."""
+    import submitit
+
+    schedule = ["data.num_workers=0", "callbacks.last_checkpoint.every_n_train_steps=1000"]
+    straight, _ = run_stages(distill_cfg(tiny, tmp_path / "straight", *schedule))
+    out, marker = tmp_path / "job", tmp_path / "waiting"
+    overrides = ["~local", "stages=[distill]", *tiny["overrides"], *schedule, f"distill.out_dir={out}",
+                 f"paths.output_dir={out}/logs", "distill.resume=auto", "+callbacks.wait._target_=helpers.WaitAtStep",
+                 "+callbacks.wait.step=2", f"+callbacks.wait.marker={marker}"]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(helpers.AppJob(overrides))
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and not job.done():
+        time.sleep(0.1)
+    assert marker.exists(), job.stderr()
+    os.kill(int(marker.read_text()), signal.SIGUSR2)
+    marker.with_name(marker.name + ".go").touch()
+    results = job.result()
+
+    assert results["distill"]["resumed_from"] == str(out / "student" / "checkpoints" / "last.ckpt")
+    assert "SIGUSR2: wrote" in job.stderr() and "Requeued job" in job.stderr() + job.stdout()
+    assert results["distill"]["steps"] == straight["distill"]["steps"] == 10
+    for root in (tmp_path / "straight", out):
+        assert (root / "student.ckpt").is_file()
+    a = torch.load(tmp_path / "straight" / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
+    b = torch.load(out / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
+    assert all(torch.equal(a[key], b[key]) for key in a)

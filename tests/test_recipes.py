@@ -268,6 +268,9 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_of_the_recipes_trainer(recipe,
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (nodes, tasks, tasks)
     assert launcher["partition"] == "gpu-partition"
+    # A job at its time limit is requeued (submitit, after last.ckpt is written on its signal) and continues.
+    assert launcher["max_num_timeout"] > 0 and launcher["signal_delay_s"] >= 60
+    assert cfg.callbacks.last_checkpoint.save_on_signal == "SIGUSR2" and cfg.distill.resume == "auto"
     sweep_dir = cfg.hydra.sweep.dir
     assert sweep_dir.startswith(f"{tmp_path}/runs/{recipe}/multirun/")
     assert launcher["submitit_folder"].startswith(sweep_dir)

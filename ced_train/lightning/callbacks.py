@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +15,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _PREFIX = "model."
+# Under DDP, optimiser steps between the ranks' checks for a save-on-signal (each check waits for the device).
+SIGNAL_CHECK_STEPS = 10
 
 
 def average_checkpoints(paths: list[str | Path]) -> dict[str, torch.Tensor]:
@@ -82,16 +86,49 @@ class LastCheckpoint(Checkpoint):
     callback, so Lightning runs it after the others (early stopping's state is saved current). Mid-epoch saves happen
     only right after an optimiser step, never with accumulated gradients pending. Written atomically: a run killed
     while saving keeps the previous file.
+
+    On `save_on_signal` (SIGUSR2: what submitit, and `sbatch --signal=USR2@<s>`, send before a job's time limit) it
+    also writes last.ckpt after the current step (or at the end of the epoch, when that step ends one), then passes
+    the signal on to the handler it replaced (submitit's requeues the job) and exits.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None,
+                 save_on_signal: str | None = "SIGUSR2") -> None:
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps must be at least 1 or null, got {every_n_train_steps}")
+        if save_on_signal is not None and not isinstance(getattr(signal, str(save_on_signal), None), signal.Signals):
+            raise ValueError(f"save_on_signal={save_on_signal!r}: expected a signal name such as SIGUSR2, or null")
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
+        self.save_on_signal = getattr(signal, save_on_signal) if save_on_signal else None
         self._saved_step = -1
         self._step_at_batch_start = -1
         self._stepped = False  # the last training batch ended with an optimiser step (no gradients pending)
+        self._signalled = False
+        self._stop_at_epoch_end = False
+        self._previous_handler = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_on_signal is None:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("last.ckpt: not in the main thread, so no checkpoint on %s", self.save_on_signal.name)
+            return
+        self._previous_handler = signal.signal(self.save_on_signal, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signalled = True  # acted on at the end of the batch, where the state is whole
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(self.save_on_signal, self._previous_handler)
+            self._previous_handler = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
@@ -101,6 +138,34 @@ class LastCheckpoint(Checkpoint):
         self._stepped = trainer.global_step != self._step_at_batch_start
         if self._stepped and self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self._save(trainer, mid_epoch_only=True)
+        if self._stepped and self._signal_agreed(trainer):
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                self._stop_at_epoch_end = True
+            else:
+                self._save_and_stop(trainer)
+
+    def _signal_agreed(self, trainer: pl.Trainer) -> bool:
+        """Whether a rank got the signal. Ranks agree every `SIGNAL_CHECK_STEPS` steps (one small all-reduce, which
+        waits for the device), so that all of them save at the same step."""
+        if self.save_on_signal is None:
+            return False
+        if trainer.world_size == 1:
+            return self._signalled
+        if trainer.global_step % SIGNAL_CHECK_STEPS:
+            return False
+        return trainer.strategy.reduce_boolean_decision(self._signalled, all=False)
+
+    def _save_and_stop(self, trainer: pl.Trainer) -> None:
+        """Write last.ckpt now (mid-epoch too, the epoch's last batch included), then hand the signal to the handler
+        it would have reached without this callback (submitit's: requeue the job, which resumes with resume=auto)."""
+        self._save(trainer, mid_epoch_only=False)
+        log.warning("%s: wrote %s at step %d", self.save_on_signal.name, self.path, trainer.global_step)
+        previous = self._previous_handler
+        self._restore_handler()
+        if callable(previous):
+            previous(self.save_on_signal, None)
+        raise SystemExit(f"stopped by {self.save_on_signal.name} after step {trainer.global_step}, saved in "
+                         f"{self.path}: continue with resume=auto")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self._stepped:
@@ -108,6 +173,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, mid_epoch_only=False)
+        if self._stop_at_epoch_end:
+            self._save_and_stop(trainer)
 
     def _save(self, trainer: pl.Trainer, mid_epoch_only: bool) -> None:
         # At an epoch's last batch, only the end of the epoch is a clean place to resume from.
