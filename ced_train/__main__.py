@@ -31,6 +31,7 @@ from ced_train.models import CheckpointError
 from ced_train.report import write_report
 from ced_train.stages import distill, evaluate, is_global_zero, prepare, teach, train
 from ced_train.stages.evaluate import systems_of
+from ced_train.stages.rank_zero import RankZeroFailed, run_on_rank_zero
 from ced_train.store import StoreError
 
 log = logging.getLogger("ced_train")
@@ -266,6 +267,17 @@ class StageError(Exception):
 _STAGE_USER_ERRORS = (ValueError, OSError, OmegaConfBaseException, InstantiationException)
 
 
+def one_process_dir(cfg: DictConfig, stage: str) -> str | None:
+    """For a stage that global rank 0 runs for a whole launch (`stages.rank_zero`), a directory beside its outputs;
+    None for the others. The teacher pass splits its shards over torchrun's ranks (RANK set: a process group forms),
+    but SLURM tasks alone form none."""
+    if stage == "prepare":
+        return str(cfg.paths.shards_dir)
+    if stage == "teach" and "RANK" not in os.environ:
+        return str(Path(cfg.store.path).parent)
+    return None
+
+
 def run_stages(cfg: DictConfig) -> tuple[dict, dict]:
     """Check the run's inputs, then run its stages in order → (`{stage: result}`, `{"total"|stage: seconds}`)."""
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
@@ -279,7 +291,9 @@ def run_stages(cfg: DictConfig) -> tuple[dict, dict]:
         log.info("stage %s", stage)
         stage_start = time.perf_counter()
         try:
-            results[stage] = STAGES[stage](cfg)
+            beside = one_process_dir(cfg, stage)
+            results[stage] = (STAGES[stage](cfg) if beside is None else
+                              run_on_rank_zero(stage, STAGES[stage], cfg, beside))
         except (*USER_ERRORS, KeyboardInterrupt):
             raise
         except _STAGE_USER_ERRORS as error:
@@ -298,7 +312,8 @@ def usage() -> str:
 
 
 # StageOutputError: an output of other settings, or an unfinished run's leftovers; the message names the option.
-USER_ERRORS = (MissingInputError, StageListError, CheckpointError, StoreError, StageError, StageOutputError)
+USER_ERRORS = (MissingInputError, StageListError, CheckpointError, StoreError, StageError, StageOutputError,
+               RankZeroFailed)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
