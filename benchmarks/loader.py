@@ -7,6 +7,11 @@
            with 2 workers. The front end and `apply` run on the training device inside the step
            (`rendering.ViewRenderer`), not here: see train_step.py and gpu_check.py
 
+  epochs   the replay loader over `--epochs` epochs with 2 workers, whole epochs timed (start-up included): workers
+           forked once for the fit (`persistent_workers=True`, what `ViewsDataModule` uses; each epoch only restarts
+           their iterators, the epoch read from shared memory) against workers forked anew every epoch (before): clips/s
+           of each epoch, FLAC
+
 for both shard codecs (FLAC and PCM16 of the same clips: one fingerprint, so one store serves both), printed with the
 ratio replay / decode per core (issue target: >= 0.9). Per core: with 0 workers the main process does all the work;
 with W workers, the rate divided by W. Replay is timed from the arrival of its W-th batch (0 workers: the first) to
@@ -15,7 +20,7 @@ batch, so the epoch delivers every clip it decodes. torch runs one thread per pr
 data is data_prep.synthetic's (10 s clips); the store is written once by the teacher pass of two random `ced_test`
 teachers (not timed). All reads are from the page cache: this measures CPU cost, not disk.
 
-    python benchmarks/loader.py [--clips 256] [--batch 16]
+    python benchmarks/loader.py [--clips 256] [--batch 16] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -66,11 +71,25 @@ def replay_rates(loader: DataLoader, skip: int) -> tuple[float, float]:
     return clips / elapsed, total / (cpu_seconds() - cpu_start)
 
 
+def epoch_rates(equal: EqualBatches, workers: int, persistent: bool, epochs: int) -> list[float]:
+    """Clips/s of each of `epochs` whole epochs of one DataLoader (worker start-up included where it happens)."""
+    loader = DataLoader(equal, batch_size=None, num_workers=workers, persistent_workers=persistent)
+    rates = []
+    for epoch in range(epochs):
+        equal.set_epoch(epoch)  # as ViewsDataModule.set_epoch at the start of every epoch
+        start = time.perf_counter()
+        clips = sum(len(batch.keys) for batch in loader)
+        rates.append(clips / (time.perf_counter() - start))
+    del loader
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=256, help="synthetic training rows (10 s each; the defective ones "
                                                                "and a remainder of the batch are left out)")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the persistent-workers comparison")
     args = parser.parse_args()
     torch.set_num_threads(1)
     augment = AugmentConfig()
@@ -118,10 +137,21 @@ def main() -> None:
                   f"({replay[0] / decode:.2f} x decode)   replay, 2 workers {replay[2]:7.1f} "
                   f"({replay[2] / decode:.2f} x decode; {per_cpu_s[2]:.1f} clips per CPU-second of workers and "
                   "main process, start-up included)")
+        equal = EqualBatches(ViewDataset(shards["flac"], store=store, shuffle=True, seed=0), args.batch, 0, 1,
+                             collate_distill)
+        persistent = epoch_rates(equal, 2, True, args.epochs)
+        forked = epoch_rates(equal, 2, False, args.epochs)
+        print(f"  epochs, 2 workers, flac: clips/s of each whole epoch (start-up included)")
+        print(f"    persistent workers       {'  '.join(f'{rate:7.1f}' for rate in persistent)}")
+        print(f"    workers forked per epoch {'  '.join(f'{rate:7.1f}' for rate in forked)}")
     flac, pcm = results["flac"], results["pcm16"]
     print(f"ratio decode pcm16 / flac: {pcm[0] / flac[0]:.2f}")
     print(f"ratio replay pcm16 / flac (0 workers): {pcm[1][0] / flac[1][0]:.2f}")
     print(f"ratio replay / decode ceiling (flac, 0 workers; target >= 0.9): {flac[1][0] / flac[0]:.2f}")
+    later = slice(1, None)  # epochs after the first, where persistent workers are already up
+    print(f"ratio persistent / forked per epoch, epochs 2-{args.epochs}: "
+          f"{sum(persistent[later]) / sum(forked[later]):.2f}; persistent epoch {args.epochs} / epoch 2: "
+          f"{persistent[-1] / persistent[1]:.2f}")
 
 
 if __name__ == "__main__":
