@@ -4,7 +4,9 @@ tests/test_teach.py)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 import socket
@@ -105,17 +107,26 @@ def test_a_part_of_another_pass_is_refused_not_reused(parts):
 def test_spec_fingerprint_covers_every_setting():
     changes = {"manifest_fingerprint": "e" * 64, "augment": AugmentConfig(mixup_alpha=0.3), "seed": 1,
                "teachers": ({"file": "b.pt", "sha256": "1" * 64},), "averaging": "logits", "top_k": 4,
-               "num_views": 3, "num_classes": 10}
+               "num_views": 3, "num_classes": 10, "precision": "bfloat16"}
     fingerprints = {dataclasses.replace(SPEC, **{name: value}).fingerprint() for name, value in changes.items()}
     assert len(fingerprints | {SPEC.fingerprint()}) == len(changes) + 1
     assert StoreSpec.from_attrs(SPEC.to_attrs()) == SPEC
 
+
+def test_a_spec_of_unrecorded_precision_keeps_the_fingerprint_of_stores_written_before_it_was_recorded():
+    # SPEC's fingerprint as the code before `precision` computed it: those stores still verify, and students
+    # distilled from them keep their fingerprints.
+    assert SPEC.precision is None and SPEC.fingerprint() == "cf28f6c9452c7e7f"
+    assert "precision" not in SPEC.to_attrs() and StoreSpec.from_attrs(SPEC.to_attrs()) == SPEC
+    assert dataclasses.replace(SPEC, precision="float16").differences(SPEC) == ["precision: 'float16' != not recorded"]
 
 def test_spec_refuses_classes_beyond_int16_and_k_beyond_the_classes():
     with pytest.raises(ValueError, match="int16"):
         dataclasses.replace(SPEC, num_classes=40000)
     with pytest.raises(ValueError, match="top_k=600"):
         dataclasses.replace(SPEC, top_k=600)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        dataclasses.replace(SPEC, precision="fp16")
 
 
 def test_topk_to_dense_places_values_at_their_classes():
@@ -220,3 +231,66 @@ def test_a_store_lock_of_another_host_is_only_taken_with_break_lock(tmp_path):
     assert json.loads(lock_file.read_text()) == successor.holder
     successor.release()
     assert not lock_file.exists()
+
+
+def _contend_for_locks(stores: list[str], barrier, results) -> None:
+    """Try to take each store's lock together with the other contenders; a winner holds it until all have tried."""
+    for store in stores:
+        barrier.wait()
+        try:
+            lock = StoreLock.acquire(store)
+        except StoreLockedError:
+            lock = None
+        results.put((store, lock is not None))
+        barrier.wait()
+        if lock is not None:
+            lock.release()
+
+
+def dead_holder() -> dict:
+    """The lock holder of a pass on this host whose process is gone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    return {"host": socket.gethostname(), "pid": dead.pid, "pid_namespace": os.readlink("/proc/self/ns/pid"),
+            "since": "2024-01-01T00:00:00", "token": "0123456789abcdef"}
+
+
+def test_passes_breaking_the_same_stale_lock_together_leave_exactly_one_holder(tmp_path):
+    holder = dead_holder()
+    stores = [str(tmp_path / f"round{round_}.h5") for round_ in range(200)]
+    for store in stores:
+        StoreLock.path_of(store).write_text(json.dumps(holder))
+    context = multiprocessing.get_context("spawn")
+    contenders = 5
+    barrier, results = context.Barrier(contenders), context.Queue()
+    processes = [context.Process(target=_contend_for_locks, args=(stores, barrier, results))
+                 for _ in range(contenders)]
+    for process in processes:
+        process.start()
+    try:
+        winners = {store: 0 for store in stores}
+        for _ in range(contenders * len(stores)):
+            store, won = results.get(timeout=120)
+            winners[store] += won
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            process.kill()
+    assert winners == {store: 1 for store in stores}
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # every winner released; nothing else is left
+
+
+def test_a_stale_lock_that_another_pass_is_removing_is_left_to_it(tmp_path):
+    store = tmp_path / "store.h5"
+    content = json.dumps(dead_holder()).encode()
+    StoreLock.path_of(store).write_bytes(content)
+    claim = tmp_path / f"store.h5.lock.break-{hashlib.sha256(content).hexdigest()[:16]}"
+    claim.touch()
+    with pytest.raises(StoreLockedError, match="another teacher pass is removing its stale lock") as error:
+        StoreLock.acquire(store)
+    assert str(claim) in str(error.value) and "\n" not in str(error.value)
+    assert StoreLock.path_of(store).read_bytes() == content and claim.exists()
+    claim.unlink()
+    with StoreLock.acquire(store) as lock:
+        assert lock.holder["pid"] == os.getpid()
+    assert list(tmp_path.iterdir()) == []

@@ -205,6 +205,28 @@ def test_overwrite_replaces_a_store_and_parts_of_other_settings_but_nothing_else
     verify(store, tiny["shards"], augment=changed)
 
 
+def test_a_store_made_at_another_teacher_precision_is_refused_naming_it(tiny):
+    before = tiny["store"].stat().st_mtime_ns
+    with pytest.raises(StoreError, match="precision: 'float32' != 'bfloat16'") as error:
+        teacher_pass(tiny["shards"], tiny["store"], load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
+                     num_views=VIEWS, precision="bf16", progress=False)
+    assert "\n" not in str(error.value) and "teach.overwrite=true" in str(error.value)
+    assert tiny["store"].stat().st_mtime_ns == before
+    with TeacherStore(tiny["store"]) as made:
+        assert made.spec.precision == "float32"  # precision auto on the CPU: no autocast
+
+
+def test_a_store_written_before_precision_was_recorded_still_verifies_but_a_pass_names_the_precision(tiny, tmp_path):
+    path = Path(shutil.copy(tiny["store"], tmp_path / "older.h5"))
+    with h5py.File(path, "r+") as file:  # the attributes the code before `precision` wrote
+        del file.attrs["precision"]
+        file.attrs["fingerprint"] = store_module.StoreSpec.from_attrs(file.attrs).fingerprint()
+    verify(path, tiny["shards"])
+    with pytest.raises(StoreError, match="precision: not recorded != 'float32'"):
+        teacher_pass(tiny["shards"], path, load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0, num_views=VIEWS,
+                     progress=False)
+
+
 def test_teachers_with_different_class_counts_are_refused(tiny):
     path = tiny["root"] / "ten_classes.pt"
     torch.save({"model": create_model("ced_test", num_classes=10).state_dict()}, path)
@@ -318,6 +340,37 @@ def test_two_cpu_processes_over_gloo_write_the_same_store_as_one(tiny, tmp_path)
     assert not store.with_name(store.name + ".parts").exists()
 
 
+def _resumed_rank_worker(rank: int, init_file: str, shards: str, store: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    try:
+        summary = teacher_pass(shards, store, TeacherEnsemble([HashTeacher()], sources=[{"file": "hash"}]), AUGMENT,
+                               seed=0, num_views=2, batch_size=4, progress=False)
+        Path(f"{store}.rank{rank}.json").write_text(json.dumps(summary))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_resumed_pass_splits_only_the_unfinished_shards_across_its_ranks(tmp_path):
+    shards = make_shards(tmp_path / "shards", [1.0] * 9, 1)  # 9 shards of one chunk row each
+    ensemble = TeacherEnsemble([HashTeacher()], sources=[{"file": "hash"}])
+    whole = tmp_path / "whole.h5"
+    teacher_pass(shards, whole, ensemble, AUGMENT, seed=0, num_views=2, batch_size=4, progress=False)
+    # A killed 3-rank pass whose ranks 0 and 1 finished their shards (0, 3, 6 and 1, 4, 7) and rank 2 none.
+    store = tmp_path / "resumed.h5"
+    with TeacherStore(whole) as done:
+        for name in [done.shard_names[i] for i in (0, 1, 3, 4, 6, 7)]:
+            start, stop = done.shard_rows(name)
+            arrays = [np.stack([done.read(v, start, stop)[i] for v in range(2)]) for i in (2, 0, 1)]
+            store_module.write_part(tmp_path / "resumed.h5.parts" / f"{name}.h5", done.spec, name,
+                                    done.keys(start, stop), done.chunks(start, stop), *arrays)
+    spawn_bounded(_resumed_rank_worker, (str(tmp_path / "gloo_init"), str(shards), str(store)), nprocs=3)
+    summaries = [json.loads(Path(f"{store}.rank{rank}.json").read_text()) for rank in range(3)]
+    assert [summary["rows_run_by_this_rank"] for summary in summaries] == [1, 1, 1]  # ceil(3 pending / 3) each
+    assert sum(summary["parts_reused_by_this_rank"] for summary in summaries) == 6
+    assert_same_store(store, whole)
+
+
 KILLABLE_PASS = """
 import sys, time, torch
 from ced_train.augment import AugmentConfig
@@ -366,6 +419,37 @@ def test_a_killed_pass_resumes_redoing_only_unfinished_shards(tiny, tmp_path):
     verify(store, tiny["shards"])
     assert_same_store(store, tiny["store"])
     assert not parts.exists() and not list(tmp_path.glob("*.tmp-*")) and not lock.exists()
+
+
+def test_a_pass_stopped_by_sigterm_releases_its_lock_and_a_new_pass_resumes(tiny, tmp_path):
+    # SLURM's time limit: SIGTERM, then SIGKILL after KillWait. The pass ends on SIGTERM as a SIGTERM'd process does
+    # (exit status 128 + 15), but first releases its lock and removes its temporary files.
+    store = tmp_path / "terminated.h5"
+    lock = StoreLock.path_of(store)
+    script = tmp_path / "killable.py"
+    script.write_text(textwrap.dedent(KILLABLE_PASS).replace("{views}", str(VIEWS)))
+    command = [sys.executable, str(script), str(tiny["shards"]), str(store), *map(str, tiny["checkpoints"])]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while not lock.exists():
+            assert process.poll() is None, process.communicate()[0].decode()
+            assert time.monotonic() < deadline, "no lock taken within 120 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    finally:
+        process.kill()
+        process.wait()
+    assert not lock.exists() and not list(tmp_path.rglob("*.tmp-*")) and not store.exists()
+    assert process.returncode == 128 + signal.SIGTERM and "SIGTERM" in output, output
+    finished = list(tmp_path.glob("terminated.h5.parts/*.h5"))
+
+    summary = teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
+                           num_views=VIEWS, batch_size=4, progress=False)
+    assert summary["parts_reused_by_this_rank"] == len(finished)
+    assert_same_store(store, tiny["store"])
+    assert not lock.exists()
 
 
 # ------------------------------------------------------------------------------------------------- lock
@@ -583,13 +667,15 @@ def test_stage_teach_runs_from_the_composed_hydra_config(tiny, tmp_path):
     assert (summary["views"], summary["rows"]) == (2, CLIPS)
 
 
-def test_several_slurm_tasks_without_a_process_group_are_refused(monkeypatch):
-    from ced_train.stages.teach import _init_distributed
+def test_slurm_tasks_without_a_process_group_leave_the_pass_to_task_zero(monkeypatch):
+    from ced_train.stages.teach_ranks import init_distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_PROCID", "3")
-    with pytest.raises(RuntimeError, match="8 SLURM tasks"):
-        _init_distributed(torch.device("cpu"), timedelta(minutes=1))
+    with pytest.raises(RuntimeError, match="SLURM task 3 of 8 without WORLD_SIZE/RANK: task 0 runs the pass alone"):
+        init_distributed(torch.device("cpu"), timedelta(minutes=1))
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert init_distributed(torch.device("cpu"), timedelta(minutes=1)) == (0, 1)
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert _init_distributed(torch.device("cpu"), timedelta(minutes=1)) == (0, 1)
+    assert init_distributed(torch.device("cpu"), timedelta(minutes=1)) == (0, 1)

@@ -2,16 +2,16 @@
 sample and write the teacher store (top-k outputs + the augmentation of each view). See docs/store.md.
 
 Work is split across ranks by shard (torchrun or any launcher that sets RANK/WORLD_SIZE; or a process group the
-caller initialised). Each finished shard is written as its own part file (temporary name, then rename) under
-`<store>.parts/`; when all parts exist, rank 0 merges them into the store, again atomically. A re-run skips finished
-parts, so a killed pass redoes only unfinished shards and never duplicates or drops a (row, view). Rank 0 holds the
-lock `<store>.lock` from before anything is deleted or written until the pass ends, so a second pass on the same
-store is refused instead of removing the first one's files.
+caller initialised; `teach_ranks`). Each finished shard is written as its own part file (temporary name, then rename)
+under `<store>.parts/`; when all parts exist, rank 0 merges them into the store, again atomically. A re-run splits
+only the shards without a finished part across its ranks, so a killed pass redoes only those and never duplicates or
+drops a (row, view). Rank 0 holds the lock `<store>.lock` from before anything is deleted or written until the pass
+ends, also when it stops on SIGTERM, so a second pass on the same store is refused instead of removing the first
+one's files.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from datetime import timedelta
@@ -25,7 +25,16 @@ from tqdm import tqdm
 from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig, ViewSampler, params_from_columns
 from ced_train.data import ShardInfo, read_manifest
 from ced_train.data.chunks import num_chunks, shard_chunks
-from ced_train.stages import autocast_dtype, check_precision, is_global_zero
+from ced_train.stages import autocast_dtype, check_precision
+from ced_train.stages.teach_ranks import (
+    barrier,
+    decided_by_rank_zero,
+    init_distributed,
+    is_rank_zero,
+    resolve_device,
+    split_by_rows,
+    stop_cleanly_on_sigterm,
+)
 from ced_train.store import (
     INDEX_DTYPE,
     MISSING_INDEX,
@@ -42,7 +51,6 @@ from ced_train.store import (
 from ced_train.rendering import ViewRenderer
 from ced_train.teachers import TeacherEnsemble
 from ced_train.views import ViewDataset
-
 
 
 def run(cfg: DictConfig) -> dict:
@@ -71,54 +79,7 @@ def run(cfg: DictConfig) -> dict:
     )
 
 
-def _init_distributed(device: torch.device, timeout: timedelta) -> tuple[int, int]:
-    """(rank, world size): from an initialised process group, else from torchrun's environment (initialising one
-    whose collectives fail after `timeout`)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if "WORLD_SIZE" not in os.environ and slurm_tasks > 1 and "SLURM_PROCID" in os.environ:
-        # Without a process group every task would take every shard and race on the parts and the merge.
-        raise RuntimeError(
-            f"teacher pass: {slurm_tasks} SLURM tasks but no WORLD_SIZE/RANK: start one torchrun per node "
-            "(torchrun sets them) or run the pass with a single task (trainer=gpu)"
-        )
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    except RuntimeError as error:  # torch.distributed.DistError and backend errors
-        raise RuntimeError(f"teach: the process group of WORLD_SIZE={os.environ['WORLD_SIZE']} ranks could not be "
-                           f"formed (teach.timeout_min={timeout.total_seconds() / 60:g} bounds the wait for missing "
-                           f"ranks): {error}") from error
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _is_rank_zero() -> bool:
-    """Rank 0 of the caller's process group if there is one, else of the launcher's environment."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return is_global_zero()
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        try:
-            torch.distributed.barrier()
-        except RuntimeError as error:
-            raise RuntimeError(f"teach: waiting for the other ranks failed: one of them stopped (its log says why) or "
-                               f"did not arrive within teach.timeout_min ({error})") from error
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
+@stop_cleanly_on_sigterm()
 def teacher_pass(
     shards_dir: str | Path,
     store_path: str | Path,
@@ -145,7 +106,8 @@ def teacher_pass(
         num_views: views per chunk row; top_k: outputs kept per view.
         batch_size: (row, view) inputs per ensemble call; batches never span shards.
         num_workers: DataLoader workers that decode clips (whole shards per worker); views render on `device`.
-        precision: autocast dtype: "bf16", "fp16", "fp32" (none), or "auto" (bf16 on a GPU, none on a CPU).
+        precision: autocast dtype: "bf16", "fp16", "fp32" (none), or "auto" (bf16 on a GPU, none on a CPU); the
+            store records the dtype it resolves to, and one made in another is not reused.
         device: "auto" (this rank's GPU if any, else CPU) or a torch device string.
         overwrite: replace a store or parts made from something else; without it they are an error. Parts of this
             very pass are always kept (they are what a resumed run reuses).
@@ -156,52 +118,61 @@ def teacher_pass(
     check_precision("teach.precision", precision)
     start_time = time.perf_counter()
     manifest = read_manifest(shards_dir)
+    device = resolve_device(device)
+    dtype = autocast_dtype("teach.precision", precision, device)
     spec = StoreSpec(manifest.fingerprint, augment, seed, tuple(ensemble.sources), ensemble.averaging, top_k,
-                     num_views, ensemble.num_classes)
+                     num_views, ensemble.num_classes, precision=str(dtype or torch.float32).removeprefix("torch."))
     rows = num_chunks(manifest.shards, augment.clip_samples)
     store_path = Path(store_path)
     parts_dir = store_path.with_name(store_path.name + ".parts")
     # Before any process group: Lightning's DDP re-runs the whole app in child processes (LOCAL_RANK and WORLD_SIZE
     # set, RANK not) after this pass is done, and they must find it done without waiting for ranks that never come.
     if _store_is_current(store_path, spec, overwrite):
-        if _is_rank_zero():
+        if is_rank_zero():
             _remove_leftover_parts(store_path, parts_dir, break_lock)
             print(f"teach: {store_path} is up to date (fingerprint {spec.fingerprint()}); nothing to do")
         return _summary(store_path, spec, rows, 0, 0, time.perf_counter() - start_time)
-    device = _resolve_device(device)
-    rank, world_size = _init_distributed(device, timedelta(minutes=timeout_min))
+    rank, world_size = init_distributed(device, timedelta(minutes=timeout_min))
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    lock = _lock_store(store_path, rank, world_size, break_lock)
+    locks: list[StoreLock] = []
     try:
+        # Rank 0 takes the lock before any rank deletes or writes; a refusal stops every rank now.
+        decided_by_rank_zero(rank, world_size,
+                             lambda: locks.append(StoreLock.acquire(store_path, break_lock=break_lock)))
         if _store_is_current(store_path, spec, overwrite):  # written by another pass since the check above
             if rank == 0:
                 print(f"teach: {store_path} was written by another pass meanwhile; nothing to do")
             return _summary(store_path, spec, rows, 0, 0, time.perf_counter() - start_time)
         if store_path.exists():  # made from something else, to be replaced (else the check raised)
-            _barrier(world_size)  # every rank has read the old store before rank 0 removes it
+            barrier(world_size)  # every rank has read the old store before rank 0 removes it
             if rank == 0:
                 store_path.unlink()
         parts_dir.mkdir(parents=True, exist_ok=True)
 
-        mine = manifest.shards[rank::world_size]
-        pending = [shard for shard in mine if not _part_done(parts_dir / f"{shard.name}.h5", spec, shard, overwrite)]
-        if pending:
-            _run_shards(shards_dir, pending, parts_dir, spec, ensemble, batch_size, num_workers, precision, device,
+        # Only the shards without a finished part are split, by chunk rows, so that a resumed pass's ranks have equal
+        # work left; rank 0 lists them once for all, so that every rank splits the same list.
+        unfinished = decided_by_rank_zero(rank, world_size,
+                                          lambda: _unfinished(parts_dir, spec, manifest.shards, overwrite))
+        pending = [manifest.shards[i] for i in unfinished]
+        split = split_by_rows([num_chunks([shard], augment.clip_samples) for shard in pending], world_size)
+        mine = [pending[i] for i in split[rank]]
+        if mine:
+            _run_shards(shards_dir, mine, parts_dir, spec, ensemble, batch_size, num_workers, dtype, device,
                         progress and rank == 0)
-        _barrier(world_size)
+        barrier(world_size)
         if rank == 0:
             for stale in [*parts_dir.glob("*.tmp-*"), *store_path.parent.glob(f"{store_path.name}.tmp-*")]:
                 stale.unlink()  # temporary files of a killed run: every rank has finished writing
             merge_parts(store_path, spec, [parts_dir / f"{shard.name}.h5" for shard in manifest.shards])
             shutil.rmtree(parts_dir)
             print(f"teach: store written to {store_path}")
-        _barrier(world_size)
+        barrier(world_size)
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
-    done = num_chunks(pending, augment.clip_samples)
-    return _summary(store_path, spec, rows, done, len(mine) - len(pending),
+    reused = len(manifest.shards) - len(pending) if rank == 0 else 0  # rank 0 checked every part
+    return _summary(store_path, spec, rows, num_chunks(mine, augment.clip_samples), reused,
                     time.perf_counter() - start_time)
 
 
@@ -241,22 +212,10 @@ def _remove_leftover_parts(store_path: Path, parts_dir: Path, break_lock: bool) 
         print(f"teach: leaving {parts_dir} alone: {error}")
 
 
-def _lock_store(store_path: Path, rank: int, world_size: int, break_lock: bool) -> StoreLock | None:
-    """Rank 0 takes the store's lock (None on the other ranks); a refusal stops every rank now, with its message,
-    rather than at the next barrier."""
-    lock, refusal = None, None
-    if rank == 0:
-        try:
-            lock = StoreLock.acquire(store_path, break_lock=break_lock)
-        except StoreLockedError as error:
-            refusal = str(error)
-    if world_size > 1:
-        shared = [refusal]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        refusal = shared[0]
-    if refusal is not None:
-        raise StoreLockedError(refusal)
-    return lock
+def _unfinished(parts_dir: Path, spec: StoreSpec, shards: list[ShardInfo], overwrite: bool) -> list[int]:
+    """Indices of the `shards` without a finished part of this pass in `parts_dir`."""
+    return [i for i, shard in enumerate(shards)
+            if not _part_done(parts_dir / f"{shard.name}.h5", spec, shard, overwrite)]
 
 
 def _part_done(path: Path, spec: StoreSpec, shard: ShardInfo, overwrite: bool) -> bool:
@@ -278,16 +237,16 @@ def _run_shards(
     ensemble: TeacherEnsemble,
     batch_size: int,
     num_workers: int,
-    precision: str,
+    dtype: torch.dtype | None,
     device: torch.device,
     progress: bool,
 ) -> None:
-    """Render, run and write `shards` (all views), one part file per finished shard."""
+    """Render, run (autocast to `dtype`, None for none) and write `shards` (all views), one part file per finished
+    shard."""
     dataset = ViewDataset(shards_dir, sampler=ViewSampler(spec.augment, spec.seed), views=range(spec.num_views),
                           shard_names=[shard.name for shard in shards], batch_size=batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    dtype = autocast_dtype("teach.precision", precision, device)
     ensemble = ensemble.to(device).eval()
     renderer = ViewRenderer().to(device)
     layouts = {shard.name: dataset.layout(shard) for shard in shards}
@@ -333,6 +292,7 @@ def _empty_arrays(spec: StoreSpec, num_rows: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _summary(store_path: Path, spec: StoreSpec, rows: int, rows_run: int, parts_reused: int, elapsed_s: float):
+    """The pass's summary; `parts_reused` counts on rank 0 (which checks every part) and is 0 on the other ranks."""
     size = store_path.stat().st_size if store_path.exists() else 0
     return {
         "store": str(store_path),

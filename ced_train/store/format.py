@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ SAMPLED = "sampled"  # views drawn by `augment.ViewSampler` from the recorded au
 # or each chunk's own frames.
 OFFICIAL_BATCH, OFFICIAL_CHUNK = "official:batch", "official:chunk"
 VIEW_SOURCES = (SAMPLED, OFFICIAL_BATCH, OFFICIAL_CHUNK)
+# The dtype the teachers computed in (the teacher pass's resolved `teach.precision`); None where it is not recorded.
+TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class StoreError(RuntimeError):
@@ -68,6 +71,9 @@ class StoreSpec:
         num_views: views per row (chunk).
         num_classes: classes of the teachers.
         view_source: how the views were made (`VIEW_SOURCES`).
+        precision: the autocast dtype the teachers ran in (`TEACHER_DTYPES`); None where it is not known: the paper's
+            released outputs, and stores written before it was recorded (their fingerprint leaves it out, so it is
+            unchanged).
     """
 
     manifest_fingerprint: str
@@ -79,6 +85,7 @@ class StoreSpec:
     num_views: int
     num_classes: int
     view_source: str = SAMPLED
+    precision: str | None = None
 
     @property
     def official(self) -> bool:
@@ -88,6 +95,8 @@ class StoreSpec:
     def __post_init__(self) -> None:
         if self.view_source not in VIEW_SOURCES:
             raise ValueError(f"view_source={self.view_source!r} must be one of {VIEW_SOURCES}")
+        if self.precision is not None and self.precision not in TEACHER_DTYPES:
+            raise ValueError(f"precision={self.precision!r} must be one of {TEACHER_DTYPES} or None (not recorded)")
         if not 0 < self.num_classes <= np.iinfo(INDEX_DTYPE).max:
             raise ValueError(f"num_classes={self.num_classes} does not fit the store's int16 class indices")
         if not 0 < self.top_k <= self.num_classes:
@@ -96,7 +105,7 @@ class StoreSpec:
             raise ValueError(f"num_views={self.num_views} must be at least 1")
 
     def to_attrs(self) -> dict:
-        return {
+        attrs = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint(),
             "manifest_fingerprint": self.manifest_fingerprint,
@@ -109,6 +118,7 @@ class StoreSpec:
             "num_classes": self.num_classes,
             "view_source": self.view_source,
         }
+        return attrs if self.precision is None else attrs | {"precision": self.precision}
 
     @classmethod
     def from_attrs(cls, attrs) -> "StoreSpec":
@@ -122,18 +132,25 @@ class StoreSpec:
             num_views=int(attrs["num_views"]),
             num_classes=int(attrs["num_classes"]),
             view_source=str(attrs["view_source"]),
+            precision=str(attrs["precision"]) if "precision" in attrs else None,
         )
 
     def fingerprint(self) -> str:
         identity = dataclasses.asdict(self) | {"augment": self.augment.to_json(), "format_version": FORMAT_VERSION}
+        if self.precision is None:  # the fingerprint of a store written before the precision was recorded
+            del identity["precision"]
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def differences(self, other: "StoreSpec") -> list[str]:
         """Readable `field: mine != theirs` lines (augmentation compared field by field)."""
+        def show(value) -> str:
+            return "not recorded" if value is None else repr(value)
+
         lines = [f"augment.{line}" for line in self.augment.differences(other.augment)]
         for field in dataclasses.fields(self):
-            if field.name != "augment" and getattr(self, field.name) != getattr(other, field.name):
-                lines.append(f"{field.name}: {getattr(self, field.name)!r} != {getattr(other, field.name)!r}")
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if field.name != "augment" and mine != theirs:
+                lines.append(f"{field.name}: {show(mine)} != {show(theirs)}")
         return lines
 
 
@@ -211,8 +228,14 @@ class TeacherStore:
 
     @property
     def file(self) -> h5py.File:
-        """The open HDF5 file (opened in this process on first use), for readers of whole datasets (checks)."""
+        """The open HDF5 file (opened in this process on first use), for readers of whole datasets (checks).
+
+        A process forked after the file was opened (a DataLoader worker) opens its own handle: h5py does not support
+        one HDF5 file handle used from two processes."""
+        if self._file is not None and self._opened_by != os.getpid():
+            self._file = None  # the parent's handle: left to the parent (dropping this copy closes nothing there)
         if self._file is None:
+            self._opened_by = os.getpid()
             if not self.path.is_file():
                 raise StoreError(f"teacher store not found: {self.path}")
             try:

@@ -311,8 +311,9 @@ def import_official(logits_dir: str | Path, shards_dir: str | Path, out: str | P
         digest.update(f"{path.name} {file_sha256(path)} {file_sha256(path.with_suffix('.parquet'))}\n".encode())
     teacher = {"file": f"{Path(logits_dir).name} (released outputs)", "sha256": digest.hexdigest(),
                "bytes": sum(path.stat().st_size + path.with_suffix(".parquet").stat().st_size for path in paths)}
+    # The release does not record the dtype its teachers ran in: the store's precision stays unrecorded (None).
     spec = StoreSpec(manifest.fingerprint, augment, 0, (teacher,), "probs", top_k, len(views), manifest.num_classes,
-                     TIME_AXES[time_axis])
+                     TIME_AXES[time_axis], precision=None)
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(views) * len(rows), desc="re-derive views", unit="row", disable=not progress)
     with atomic_file(out) as tmp, h5py.File(tmp, "w") as file:

@@ -4,6 +4,7 @@ that exists is complete."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -148,7 +149,8 @@ class StoreLock:
     locks (flock, fcntl) are often unavailable or not seen across nodes. It holds the holder as JSON: host, pid, pid
     namespace, start time and a random token. A lock whose holder ran in this host's process space and is gone (a
     killed pass) is removed by the next pass; any other lock stays until its file is deleted or a pass is started with
-    `break_lock=True` (`teach.break_lock=true`).
+    `break_lock=True` (`teach.break_lock=true`). Of several passes that remove the same stale lock at once, one takes
+    the lock (`_remove_stale`).
     """
 
     def __init__(self, path: Path, holder: dict) -> None:
@@ -175,12 +177,14 @@ class StoreLock:
         try:
             return cls._create(path, holder)
         except FileExistsError:
-            found = _read_holder(path)
-        if not (break_lock or _holder_is_gone(found)):
-            raise StoreLockedError(_locked_message(store_path, path, found))
-        reason = "teach.break_lock=true" if break_lock else "its process is gone"
-        print(f"store: removing the lock {path} of {_describe(found)} ({reason})", flush=True)
-        path.unlink(missing_ok=True)
+            stale = _read_lock(path)
+        if stale is not None:  # (None: released in between)
+            found = _holder_of(stale)
+            if not (break_lock or _holder_is_gone(found)):
+                raise StoreLockedError(_locked_message(store_path, path, found))
+            reason = "teach.break_lock=true" if break_lock else "its process is gone"
+            print(f"store: removing the lock {path} of {_describe(found)} ({reason})", flush=True)
+            _remove_stale(store_path, path, stale)
         try:
             return cls._create(path, holder)
         except FileExistsError:  # another pass took it in between
@@ -217,13 +221,51 @@ def _pid_namespace() -> str | None:
         return None
 
 
-def _read_holder(path: Path) -> dict | None:
-    """The holder recorded in a lock file; None when it is gone, empty (being written) or unreadable."""
+def _remove_stale(store_path: str | Path, path: Path, stale: bytes) -> None:
+    """Remove the lock file `path` if it still holds `stale`.
+
+    Passes that found the same stale lock race here, and an unlink of what they found could remove a lock that one
+    of them has taken since (so could a rename of it aside and back). So each first creates the claim file
+    `<lock>.break-<digest of stale>` (`O_EXCL`, atomic on NFS and Lustre too); the one that creates it re-reads the
+    lock and removes it only if unchanged. Meanwhile no other pass can remove the stale lock, and its holder is gone
+    (or `break_lock` vouches that it is not running), so what it removes is the stale lock. The others are refused;
+    the `O_EXCL` create that follows gives the lock to one pass.
+
+    Raises:
+        StoreLockedError: another pass is removing this stale lock.
+    """
+    claim = path.with_name(f"{path.name}.break-{hashlib.sha256(stale).hexdigest()[:16]}")
     try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise StoreLockedError(f"{store_path}: another teacher pass is removing its stale lock {path} (claim file "
+                               f"{claim}); if no pass is running, delete both files") from None
+    try:
+        if _read_lock(path) == stale:
+            path.unlink()
+    finally:
+        claim.unlink()
+
+
+def _read_lock(path: Path) -> bytes | None:
+    """The lock file's content; None when it is gone or unreadable."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _holder_of(content: bytes | None) -> dict | None:
+    """The holder recorded in a lock file's content; None when it is missing, empty (being written) or not JSON."""
+    try:
+        holder = json.loads(content)
+    except (TypeError, ValueError):
         return None
     return holder if isinstance(holder, dict) else None
+
+
+def _read_holder(path: Path) -> dict | None:
+    return _holder_of(_read_lock(path))
 
 
 def _holder_is_gone(holder: dict | None) -> bool:
