@@ -188,6 +188,7 @@ def test_release_rows_without_a_shard_chunk_and_chunks_without_a_row_are_each_re
     with TeacherStore(store) as opened:
         assert opened.num_rows == 4
     assert info(store)["left_out"] == {"unmatched row": 4, "uncovered chunk": 1}
+    assert info(store)["teacher_precision"] == "not recorded"
     again = subprocess.run([sys.executable, "-m", "ced_train.store", "import-official", str(FIXTURE / "logits"),
                             "--shards", str(shards), "--out", str(store)], capture_output=True, text=True, timeout=120,
                            cwd=REPO)

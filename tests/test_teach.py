@@ -27,7 +27,7 @@ from ced_train.augment import AugmentConfig
 from ced_train.data import read_manifest
 from ced_train.models import create_model
 from ced_train.stages.teach import teacher_pass
-from ced_train.store import StoreError, StoreLock, TeacherStore, verify
+from ced_train.store import StoreError, StoreLock, TeacherStore, info, verify
 from ced_train.teachers import TeacherEnsemble, load_ensemble
 from ced_train.rendering import ViewRenderer
 from ced_train.views import ViewDataset, collate_items
@@ -76,6 +76,7 @@ def test_two_teacher_store_passes_verify_and_holds_every_clip_view(tiny, capsys)
     assert "ok" in capsys.readouterr().out
     assert store_module.main(["info", str(tiny["store"])]) == 0
     assert "coverage" in capsys.readouterr().out
+    assert info(tiny["store"])["teacher_precision"] == "float32"  # teach.precision=auto on a CPU
 
 
 def test_stored_outputs_are_the_ensembles_top_k_for_the_replayed_inputs(tiny):

@@ -62,6 +62,7 @@ def info(path: str | Path) -> dict:
             "bytes_per_view": store.path.stat().st_size / spec.num_views,
             "teachers": list(spec.teachers),
             "averaging": spec.averaging,
+            "teacher_precision": spec.precision or "not recorded",
             "seed": spec.seed,
             "augment": json.loads(spec.augment.to_json()),
             "view_source": spec.view_source,
