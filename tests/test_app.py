@@ -110,7 +110,7 @@ def test_bare_command_explains_how_to_pick_a_recipe(tmp_path):
 
 
 def test_slurm_launcher_asks_for_one_task_per_gpu_on_every_node(tmp_path):
-    cfg = compose(["~local", "+recipe=audioset_small_full", "hydra/launcher=slurm", "trainer.num_nodes=2",
+    cfg = compose(["~local", "+recipe=audioset_small_full", "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
                    f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
