@@ -26,7 +26,7 @@ def shards(tmp_path_factory) -> Path:
 def batches_of(dataset: ViewDataset, rank: int, world_size: int, num_workers: int, epoch: int = 0,
                resume: tuple[int, int] | None = None) -> list[list[str]]:
     equal = EqualBatches(dataset, 2, rank, world_size, collate_supervised)
-    dataset.set_epoch(epoch)
+    equal.set_epoch(epoch)  # what its workers read when an epoch's iterator starts
     if resume is not None:
         equal.resume_at(*resume)
     return [batch.keys for batch in DataLoader(equal, batch_size=None, num_workers=num_workers)]
