@@ -435,3 +435,32 @@ def test_a_job_warned_of_its_time_limit_saves_its_step_and_submitit_requeues_it_
     a = torch.load(tmp_path / "straight" / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
     b = torch.load(out / "student.ckpt", weights_only=True)["ced_model"]["state_dict"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_three_ddp_ranks_save_the_same_step_when_one_of_them_is_warned(tiny, tmp_path):
+    """SIGUSR2 reaches one of three DDP ranks (whichever reached step 2 first) at step 2: the ranks agree at their
+    next check (step 10), all write the one last.ckpt of that step together and stop; none hangs or trains on."""
+    from ced_train.lightning.callbacks import SIGNAL_CHECK_STEPS
+
+    out, marker = tmp_path / "distill", tmp_path / "waiting"
+    overrides = [o for o in tiny["overrides"] if not o.startswith(("paths.output_dir", "trainer=", "data.batch_size",
+                                                                    "distill.trainer."))]
+    # 21 clips // (3 ranks x 2) = 3 batches per rank and epoch, 6 epochs: 18 steps, the check at step 10 mid-epoch.
+    command = [sys.executable, "-m", "ced_train", "~local", "stages=[distill]", *overrides, "data.batch_size=2",
+               "distill.trainer.max_epochs=6", "distill.trainer.check_val_every_n_epoch=6", f"distill.out_dir={out}",
+               "callbacks.last_checkpoint.every_n_train_steps=1000", "trainer=cpu", "trainer.devices=3",
+               "trainer.strategy=ddp", f"hydra.run.dir={tmp_path}/run", "+callbacks.wait._target_=helpers.WaitAtStep",
+               "+callbacks.wait.step=2", f"+callbacks.wait.marker={marker}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), process.communicate(timeout=60)[1][-3000:]
+    os.kill(int(marker.read_text()), signal.SIGUSR2)
+    marker.with_name(marker.name + ".go").touch()
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode != 0 and stderr.count(f"stopped by SIGUSR2 after step {SIGNAL_CHECK_STEPS}") == 3, \
+        stderr[-3000:]
+    last = torch.load(out / "student" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == SIGNAL_CHECK_STEPS and not (out / "student.ckpt").exists()
