@@ -156,8 +156,8 @@ class LastCheckpoint(Checkpoint):
         return trainer.strategy.reduce_boolean_decision(self._signalled, all=False)
 
     def _save_and_stop(self, trainer: pl.Trainer) -> None:
-        """Write last.ckpt now (mid-epoch too, the epoch's last batch included), then hand the signal to the handler
-        it would have reached without this callback (submitit's: requeue the job, which resumes with resume=auto)."""
+        """Write last.ckpt (after a step inside an epoch, or at an epoch's end), then hand the signal to the handler it
+        would have reached without this callback (submitit's: requeue the job, which resumes with resume=auto)."""
         self._save(trainer, mid_epoch_only=False)
         log.warning("%s: wrote %s at step %d", self.save_on_signal.name, self.path, trainer.global_step)
         previous = self._previous_handler
