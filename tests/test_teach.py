@@ -393,19 +393,29 @@ teacher_pass(shards, store, ensemble, AugmentConfig(mixup_prob=0.75, mixup_block
 """
 
 
+def start_slow_pass(tiny, store: Path) -> subprocess.Popen:
+    """`KILLABLE_PASS` writing `store` in a process of its own (output piped)."""
+    script = store.with_name("killable.py")
+    script.write_text(textwrap.dedent(KILLABLE_PASS).replace("{views}", str(VIEWS)))
+    command = [sys.executable, str(script), str(tiny["shards"]), str(store), *map(str, tiny["checkpoints"])]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(process: subprocess.Popen, condition, what: str, timeout_s: float = 120) -> None:
+    """Poll `condition()` until true; fail with `what` after `timeout_s` or with the output if the process ended."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, process.communicate()[0].decode()
+        assert time.monotonic() < deadline, f"{what} within {timeout_s:g} s"
+        time.sleep(0.05)
+
+
 def test_a_killed_pass_resumes_redoing_only_unfinished_shards(tiny, tmp_path):
     store = tmp_path / "resumed.h5"
     parts = tmp_path / "resumed.h5.parts"
-    script = tmp_path / "killable.py"
-    script.write_text(textwrap.dedent(KILLABLE_PASS).replace("{views}", str(VIEWS)))
-    command = [sys.executable, str(script), str(tiny["shards"]), str(store), *map(str, tiny["checkpoints"])]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    process = start_slow_pass(tiny, store)
     try:
-        while not list(parts.glob("*.h5")):
-            assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "no part written within 120 s"
-            time.sleep(0.05)
+        wait_for(process, lambda: list(parts.glob("*.h5")), "no part written")
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -427,23 +437,16 @@ def test_a_pass_stopped_by_sigterm_releases_its_lock_and_a_new_pass_resumes(tiny
     # (exit status 128 + 15), but first releases its lock and removes its temporary files.
     store = tmp_path / "terminated.h5"
     lock = StoreLock.path_of(store)
-    script = tmp_path / "killable.py"
-    script.write_text(textwrap.dedent(KILLABLE_PASS).replace("{views}", str(VIEWS)))
-    command = [sys.executable, str(script), str(tiny["shards"]), str(store), *map(str, tiny["checkpoints"])]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    process = start_slow_pass(tiny, store)
     try:
-        while not lock.exists():
-            assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "no lock taken within 120 s"
-            time.sleep(0.05)
+        wait_for(process, lock.exists, "no lock taken")
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()
     finally:
         process.kill()
         process.wait()
-    assert not lock.exists() and not list(tmp_path.rglob("*.tmp-*")) and not store.exists()
     assert process.returncode == 128 + signal.SIGTERM and "SIGTERM" in output, output
+    assert not lock.exists() and not list(tmp_path.rglob("*.tmp-*")) and not store.exists()
     finished = list(tmp_path.glob("terminated.h5.parts/*.h5"))
 
     summary = teacher_pass(tiny["shards"], store, load_ensemble(tiny["checkpoints"]), AUGMENT, seed=0,
