@@ -31,6 +31,7 @@ from ced_train.stages.teach_ranks import (
     decided_by_rank_zero,
     init_distributed,
     is_rank_zero,
+    raise_if_terminated,
     resolve_device,
     split_by_rows,
     stop_cleanly_on_sigterm,
@@ -259,6 +260,7 @@ def _run_shards(
             unfinished.discard(name)
     with tqdm(total=len(dataset), unit="view", desc="teach", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
+            raise_if_terminated()
             mel_db = renderer(batch["inputs"].to(device, non_blocking=True))
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 probs = ensemble(mel_db)

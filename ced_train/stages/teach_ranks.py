@@ -106,6 +106,17 @@ class Terminated(SystemExit):
     """SIGTERM arrived (a batch job's time limit, `scancel`): the pass stops with exit status 128 + 15."""
 
 
+# Set by the SIGTERM handler: its raise can be swallowed where the signal lands (in a C callback, such as
+# libsndfile's read callbacks into soundfile, Python only prints "Exception ignored"), so the pass checks it too.
+_terminated = threading.Event()
+
+
+def raise_if_terminated() -> None:
+    """Raise `Terminated` if SIGTERM arrived during `stop_cleanly_on_sigterm`; call at safe points (every batch)."""
+    if _terminated.is_set():
+        raise Terminated(128 + signal.SIGTERM)
+
+
 @contextmanager
 def stop_cleanly_on_sigterm() -> Iterator[None]:
     """In the main thread, while SIGTERM has its default action (ending the process at once, so no `finally` block
@@ -116,11 +127,14 @@ def stop_cleanly_on_sigterm() -> Iterator[None]:
         return
 
     def terminate(signum, frame) -> None:
+        _terminated.set()
         raise Terminated(128 + signum)
 
+    _terminated.clear()
     signal.signal(signal.SIGTERM, terminate)
     try:
         yield
+        raise_if_terminated()  # a raise the interrupted code swallowed, and no batch boundary came after it
     except Terminated:
         print("teach: stopped by SIGTERM; finished parts are kept and a new pass resumes from them", file=sys.stderr,
               flush=True)
