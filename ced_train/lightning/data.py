@@ -152,6 +152,7 @@ class ViewsDataModule(pl.LightningDataModule):
         self.fresh_seed = fresh_seed
         self.sampler = self._sampler()  # refuses a bad `views` before training starts
         self.train_set: ViewDataset | None = None
+        self._saved_layout: dict | None = None  # the batch layout of the checkpoint being resumed, if any
 
     def _sampler(self) -> ViewSampler | None:
         if self.store is None:
@@ -177,7 +178,6 @@ class ViewsDataModule(pl.LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shuffle and view; the DataLoader's workers read it when the epoch's iterator starts."""
-        self.train_set.set_epoch(epoch)
         self.train_batches.set_epoch(epoch)
 
     def state_dict(self) -> dict:
@@ -194,7 +194,7 @@ class ViewsDataModule(pl.LightningDataModule):
     def _check_resume_layout(self, epoch: int, done: int) -> None:
         """Refuse to continue a mid-epoch checkpoint under another cut of the epoch's batches, which would repeat
         some of its batches and skip others."""
-        saved, now = getattr(self, "_saved_layout", None), self._batch_layout()
+        saved, now = self._saved_layout, self._batch_layout()
         if done == 0 or saved is None or saved == now:
             return
         differ = ", ".join(f"{OPTION[key]}={saved[key]} then, {now[key]} now" for key in now if saved.get(key) != now[key])
