@@ -81,6 +81,37 @@ def quantize_int8(fp32: Path, out: Path) -> None:
                      weight_type=QuantType.QInt8, per_channel=True)
 
 
+class OnnxTagger:
+    """An exported ONNX model as a tagger, for `tag` and `serve`: `(batch, samples)` float32 torch tensor at 16 kHz →
+    `(batch, classes)` float32 probabilities, on ONNX Runtime's CPU provider with `threads` intra-op threads (None:
+    its default)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CheckpointError(f"{path}: ONNX models need onnxruntime: pip install 'ced-train[export]'") from None
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own untyped errors for missing or invalid files
+            raise CheckpointError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != ["waveform"] or not isinstance(outputs[0].shape[-1], int):
+            raise CheckpointError(f"{path}: expected an export of this project (input 'waveform', output "
+                                  f"(batch, classes)), found inputs {[i.name for i in inputs]}")
+        self.num_classes = outputs[0].shape[-1]
+
+    def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
+        (probs,) = self.session.run(None, {"waveform": waveform.detach().float().contiguous().numpy()})
+        return torch.from_numpy(probs)
+
+    def eval(self) -> "OnnxTagger":
+        return self
+
+
 def hf_class_names(model: CEDModel, labels: str | None, checkpoint: str) -> list[str]:
     """`id2label` names for `export --format hf` (module docstring)."""
     from ced_train.tag import known_class_names

@@ -1,26 +1,46 @@
-"""Tag audio files with a CED checkpoint.
+"""Tag audio files or a live stream with a CED checkpoint (or any tagger the project loads, or an exported ONNX
+model, fp32 or int8).
 
     python -m ced_train.tag FILE... --checkpoint PATH [--top-k 5] [--chunk-seconds 10] [--json]
+                                   [--events events.tsv [--truth truth.tsv] [--tune-thresholds OUT.tsv]]
+    python -m ced_train.tag --stream FILE|- --checkpoint PATH [--realtime] [--window-s 2] [--hop-s 0.5]
+    python -m ced_train.tag --ffmpeg-input "-f pulse -i default" --checkpoint PATH
 
-Each file is decoded (wav, flac, ogg, mp3, and via ffmpeg when installed, other formats), downmixed, resampled to
-16 kHz and cut into chunks of `--chunk-seconds`; each chunk's top-k classes are printed with their probabilities.
+Files: each file is decoded (wav, flac, ogg, mp3, and via ffmpeg when installed, other formats), downmixed,
+resampled to 16 kHz and cut into chunks of `--chunk-seconds`; each chunk's top-k classes are printed with their
+probabilities. `--events` also slides `--window-s` windows every `--hop-s` over each file and writes the sound events
+(`ced_train.events`) as a DCASE-style TSV; `--truth` scores them (event- and segment-based F1) against a TSV of true
+events (`filename onset offset event_label`, filenames matched to the tail of the tagged paths), and
+`--tune-thresholds` first picks each class's threshold on these files and writes it.
 A file that cannot be read is reported on one line on stderr and the other files are still tagged; the exit code is
 then 1. A checkpoint that cannot be loaded stops the run with exit code 2.
+
+Stream (`--stream` or `--ffmpeg-input`; sources in `ced_train.streaming`): one JSON line per hop as the audio
+arrives (`ced_train.windowed` says what a line holds), events as they open and close, and a last line that closes the
+open ones, also on Ctrl-C. Exit codes: `ced_train.streaming.EXIT_CODES` (0 ended, 1 the source broke off, 2 nothing
+streamed, 3 only digital silence, 130 interrupted); each non-zero one comes with one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ced_train.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from ced_train.audio import SAMPLE_RATE, AudioDecodeError, AudioSource, load_audio
+from ced_train.events import Thresholds, read_events_tsv, tune_thresholds, write_events_tsv
 from ced_train.labels import NUM_AUDIOSET_CLASSES, display_names, load_class_labels
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
 from ced_train.models.checkpoint import checkpoint_class_names
+from ced_train.sed_metrics import event_based, segment_based
+from ced_train.streaming import (EXIT_CANNOT_START, EXIT_INTERRUPTED, EXIT_SILENT, PCM_FORMATS, PcmFormat,
+                                 SourceError, open_source)
+from ced_train.windowed import HOP_S, MEDIAN_HOPS, WINDOW_S, WindowTagger, tag_blocks
 
 
 def tag_waveform(model: CEDModel, waveform: torch.Tensor, chunk_samples: int) -> torch.Tensor:
@@ -89,41 +109,197 @@ def format_result(result: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ced_train.tag", description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files to tag")
-    parser.add_argument("--checkpoint", required=True,
-                        help="official CED .pt, state dict, HF-layout directory or ced-train .ckpt")
+    parser.add_argument("files", nargs="*", metavar="FILE", help="audio files to tag")
+    parser.add_argument("--checkpoint", required=True, help="official CED .pt, state dict, HF-layout directory, "
+                        "ced-train .ckpt or exported .onnx")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="fully unpickle a checkpoint the safe loader refuses (runs code in it: trusted files only)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes printed per chunk (default 5)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes printed per chunk or hop (default 5)")
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length in seconds (default 10)")
     parser.add_argument("--labels", default=None, help="label file (index,mid,display_name) or shard directory; "
                         "default: the checkpoint's own names, AudioSet's for 527 outputs")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    stream = parser.add_argument_group("stream")
+    stream.add_argument("--stream", metavar="SOURCE", help="stream a file, or - for standard input (raw PCM as "
+                        "--stdin-format/--stdin-rate/--stdin-channels say, or a WAV stream)")
+    stream.add_argument("--ffmpeg-input", metavar="ARGS", help='stream what ffmpeg opens with these input options, '
+                        'e.g. "-f pulse -i default" or "-f alsa -i hw:0"')
+    stream.add_argument("--realtime", action="store_true", help="pace a streamed file at real time")
+    stream.add_argument("--stdin-format", choices=tuple(PCM_FORMATS), default="s16le")
+    stream.add_argument("--stdin-rate", type=int, default=SAMPLE_RATE, help="raw stdin sample rate (default 16000)")
+    stream.add_argument("--stdin-channels", type=int, default=1, help="raw stdin channels, interleaved (default 1)")
+    stream.add_argument("--stall-timeout-s", type=float, default=10.0,
+                        help="a pipe without data for this long has stalled (default 10; 0: wait forever)")
+    events = parser.add_argument_group("windows and events")
+    events.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length (default {WINDOW_S})")
+    events.add_argument("--hop-s", type=float, default=HOP_S, help=f"hop between windows (default {HOP_S})")
+    events.add_argument("--events", metavar="TSV", help="write the sound events (onset, offset, label, score)")
+    events.add_argument("--threshold", type=float, default=0.5, help="event threshold of every class (default 0.5)")
+    events.add_argument("--thresholds", metavar="TSV", help="per-class thresholds (label, on[, off]); others get "
+                        "--threshold")
+    events.add_argument("--median-hops", type=int, default=MEDIAN_HOPS,
+                        help=f"median filter over window scores, odd (default {MEDIAN_HOPS})")
+    events.add_argument("--truth", metavar="TSV", help="files only: true events to score the events against")
+    events.add_argument("--tune-thresholds", metavar="OUT", help="files only, with --truth: pick each class's "
+                        "threshold on these files (segment F1), write them to OUT and use them")
     args = parser.parse_args(argv)
+    streaming = args.stream is not None or args.ffmpeg_input is not None
+    if streaming == bool(args.files):
+        parser.error("give audio FILEs, or --stream SOURCE / --ffmpeg-input ARGS, not both")
+    if args.stream is not None and args.ffmpeg_input is not None:
+        parser.error("--stream and --ffmpeg-input are two sources: give one")
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.chunk_seconds <= 0:
         parser.error(f"--chunk-seconds must be > 0, got {args.chunk_seconds}")
+    if not 0.05 <= args.hop_s <= args.window_s:
+        parser.error(f"need 0.05 <= --hop-s <= --window-s, got --hop-s {args.hop_s} --window-s {args.window_s}")
+    if args.median_hops < 1 or args.median_hops % 2 == 0:
+        parser.error(f"--median-hops must be odd and >= 1, got {args.median_hops}")
+    if not 0 < args.threshold < 1:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    if streaming and (args.truth or args.tune_thresholds):
+        parser.error("--truth and --tune-thresholds score files, not a stream")
+    if args.tune_thresholds and not args.truth:
+        parser.error("--tune-thresholds needs --truth (the true events of the files)")
+    if args.stall_timeout_s < 0:
+        parser.error(f"--stall-timeout-s must be >= 0, got {args.stall_timeout_s}")
     return args
 
 
 def load_tagger(checkpoint: str, labels: str | None, trust: bool) -> tuple[torch.nn.Module, list[str]] | None:
     """The model (probabilities) and display names the CLIs tag with; None after printing the one-line error."""
     try:
-        # Trained checkpoints record pooling "logit" (raw logits for the loss); tagging reports probabilities.
-        model = load_checkpoint(checkpoint, trust=trust, pooling="mean")
+        if Path(checkpoint).suffix == ".onnx":
+            from ced_train.export import OnnxTagger
+
+            model = OnnxTagger(checkpoint)
+        else:  # trained checkpoints record pooling "logit" (raw logits for the loss); tagging reports probabilities
+            model = load_checkpoint(checkpoint, trust=trust, pooling="mean")
         return model, class_names(model.num_classes, labels, checkpoint)
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: checkpoint {checkpoint}: {error}", file=sys.stderr)
         return None
 
 
+def window_tagger(model: torch.nn.Module, names: list[str], args: argparse.Namespace,
+                  thresholds: Thresholds) -> WindowTagger:
+    return WindowTagger(model, names, args.top_k, args.window_s, args.hop_s, thresholds, args.median_hops)
+
+
+def read_thresholds(args: argparse.Namespace, names: list[str]) -> Thresholds:
+    """`--thresholds` over a `--threshold` default. Raises ValueError naming the file and line."""
+    if args.thresholds is None:
+        return Thresholds.uniform(len(names), args.threshold)
+    return Thresholds.read(args.thresholds, names, default_on=args.threshold)
+
+
+def stream_main(args: argparse.Namespace, model: torch.nn.Module, names: list[str], thresholds: Thresholds) -> int:
+    """`--stream`/`--ffmpeg-input`: JSON lines on stdout as the audio arrives; see the module docstring."""
+    try:
+        source = open_source(args.stream, args.ffmpeg_input, args.realtime,
+                             PcmFormat(args.stdin_rate, args.stdin_channels, args.stdin_format),
+                             args.stall_timeout_s or None)
+    except SourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    tagger = window_tagger(model, names, args, thresholds)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    code, message = 0, None
+    try:
+        try:
+            for block in source.blocks(tagger.windows.hop_samples):
+                for record in tagger.push(block):
+                    print(json.dumps(record), flush=True)
+        except SourceError as error:
+            code, message = error.exit_code, f"error: {error}"
+        except KeyboardInterrupt:
+            code, message = EXIT_INTERRUPTED, f"stream: {source.name}: interrupted after {tagger.seconds:.2f} s"
+        for record in tagger.finish():
+            print(json.dumps(record), flush=True)
+    finally:
+        source.close()
+        signal.signal(signal.SIGTERM, previous)
+    if code == 0 and source.trailing_bytes:
+        code, message = 1, (f"error: {source.name}: ended mid-sample ({source.trailing_bytes} trailing bytes of a "
+                            f"{source.fmt.frame_bytes}-byte frame dropped)")
+    if code == 0 and tagger.peak == 0.0:
+        code, message = EXIT_SILENT, (f"stream: {source.name}: " + (
+            f"held only digital silence ({tagger.seconds:.2f} s); no events" if tagger.seconds else "no audio samples"))
+    if args.events:
+        write_events_tsv(args.events, [(source.name, event) for event in tagger.events])
+    print(message or f"stream: {source.name}: {tagger.seconds:.2f} s, {len(tagger.events)} events"
+          + (f", written to {args.events}" if args.events else ""), file=sys.stderr)
+    return code
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def file_windows(model: torch.nn.Module, names: list[str], path: str, args: argparse.Namespace) -> tuple:
+    """Window scores of one file → `(starts_s, ends_s, probs (windows, classes))`, for tuning thresholds."""
+    tagger = WindowTagger(model, names, 1, args.window_s, args.hop_s, median_hops=args.median_hops, keep_scores=True)
+    for _ in tag_blocks(tagger, AudioSource.open(path).blocks(tagger.windows.hop_samples)):
+        pass
+    starts, ends, probs = zip(*tagger.scores)
+    return np.array(starts), np.array(ends), np.stack(probs)
+
+
+def events_main(args: argparse.Namespace, model: torch.nn.Module, names: list[str], thresholds: Thresholds,
+                paths: list[str]) -> None:
+    """`--events` (and `--truth`, `--tune-thresholds`) over the files that decoded."""
+    truth = read_events_tsv(args.truth) if args.truth else None
+    if args.tune_thresholds:
+        labelled = [(path, truth_of(truth, path)) for path in paths]
+        thresholds = tune_thresholds([file_windows(model, names, path, args) for path, _ in labelled],
+                                     [events for _, events in labelled], names, median_hops=args.median_hops)
+        thresholds.write(args.tune_thresholds, names)
+        print(f"wrote per-class thresholds tuned on {len(paths)} files to {args.tune_thresholds}", file=sys.stderr)
+    rows = []
+    for path in paths:
+        tagger = window_tagger(model, names, args, thresholds)
+        for _ in tag_blocks(tagger, AudioSource.open(path).blocks(tagger.windows.hop_samples)):
+            pass
+        rows.extend((path, event) for event in sorted(tagger.events, key=lambda e: (e.onset_s, e.label)))
+    write_events_tsv(args.events, rows)
+    print(f"wrote {len(rows)} events of {len(paths)} files to {args.events}", file=sys.stderr)
+    if truth is not None:
+        reference = {path: truth_of(truth, path) for path in paths}
+        predicted = {path: [(e.onset_s, e.offset_s, e.label) for p, e in rows if p == path] for path in paths}
+        labels = names  # every class the model can report: its false alarms count
+        for name, result in (("event-based (collar 0.2 s, 20 %)", event_based(reference, predicted, labels)),
+                             ("segment-based (1 s)", segment_based(reference, predicted, labels))):
+            overall = result.overall
+            print(f"{name}: F1 {overall.f1:.3f}, precision {overall.precision:.3f}, recall {overall.recall:.3f} "
+                  f"over {len(paths)} files", file=sys.stderr)
+
+
+def truth_of(truth: dict[str, list], path: str) -> list:
+    """The true events of `path`: the truth entry whose filename is the tail of `path` (none if none)."""
+    parts = Path(path).parts
+    for name, events in truth.items():
+        tail = Path(name).parts
+        if parts[-len(tail):] == tail:
+            return events
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     loaded = load_tagger(args.checkpoint, args.labels, args.trust_checkpoint)
     if loaded is None:
-        return 2
+        return EXIT_CANNOT_START
     model, names = loaded
+    try:
+        thresholds = read_thresholds(args, names)
+        if args.truth:
+            read_events_tsv(args.truth)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    if not args.files:
+        return stream_main(args, model, names, thresholds)
     results, failed = [], 0
     for path in args.files:
         try:
@@ -137,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_result(result), flush=True)
     if args.json:
         print(json.dumps({"checkpoint": str(Path(args.checkpoint)), "results": results}, indent=2))
+    if args.events:
+        events_main(args, model, names, thresholds, [result["file"] for result in results])
     return 1 if failed else 0
 
 

@@ -10,6 +10,11 @@ writes
                                           FLAC, OGG/Vorbis, MP3; 16 to 48 kHz; mono or stereo; several naming schemes;
                                           some rows without a file, some files corrupt or empty; some clips < 10 s
     DIR/synthetic.json                    settings and per-row ground truth (events with onsets, the defect if any)
+    DIR/balanced_train_events.tsv, DIR/eval_events.tsv
+                                          the events of the readable files as DCASE task 4 truth (`filename  onset
+                                          offset  event_label`, tab-separated; filename relative to DIR/audio/<split>/,
+                                          seconds from the clip's start, AudioSet display names): what event
+                                          detection is scored against (ced_train.sed_metrics)
 
 so that `data_prep.audioset` prepares it exactly as it prepares real AudioSet. Every class is one that exists in
 AudioSet and that numpy can render honestly, with its own spectral and temporal signature in a 64-bin log-mel; each
@@ -33,6 +38,7 @@ import numpy as np
 import soundfile
 
 from ced_train import __version__
+from ced_train.events import write_truth_tsv
 from ced_train.labels import default_label_file, load_class_labels
 from data_prep.sharding import available_cpus, process_pool
 
@@ -293,6 +299,9 @@ def generate(out: Path, train: int, eval_: int, seed: int, workers: int) -> dict
     shutil.copyfile(default_label_file(), out / "class_labels_indices.csv")
     for split, csv_name in SPLITS.items():
         write_segments_csv(out / csv_name, rows[split], mid_of, seed)
+        write_truth_tsv(out / f"{split}_events.tsv", {
+            r["file"]: sorted((e["onset_s"], round(e["onset_s"] + e["duration_s"], 3), e["class"]) for e in r["events"])
+            for r in rows[split] if r["defect"] is None})
     info = {
         "tool": TOOL, "tool_version": __version__, "settings": {"train": train, "eval": eval_, "seed": seed},
         "classes": [{"name": name, "mid": mid_of[name], "index": classes.index_of_mid[mid_of[name]]}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from ced_train.events import read_events_tsv
 from ced_train.labels import default_label_file, load_class_labels
 from data_prep.synthetic import GENERATORS, main
 
@@ -63,6 +64,19 @@ def test_files_mix_formats_rates_channels_naming_and_defects(synthetic_audioset)
                 info = soundfile.info(path)
                 assert (info.samplerate, info.channels) == (r["sample_rate"], r["channels"])
                 assert set(r["labels"]) == {e["class"] for e in r["events"]}
+
+
+def test_events_tsv_holds_the_events_of_the_readable_files(synthetic_audioset):
+    rows = json.loads((synthetic_audioset / "synthetic.json").read_text())["rows"]
+    for split in ("balanced_train", "eval"):
+        lines = (synthetic_audioset / f"{split}_events.tsv").read_text().splitlines()
+        assert lines[0] == "filename\tonset\toffset\tevent_label"
+        expected = {r["file"]: sorted((e["onset_s"], round(e["onset_s"] + e["duration_s"], 3), e["class"])
+                                      for e in r["events"]) for r in rows[split] if r["defect"] is None}
+        assert len(expected) == len(rows[split]) - 3  # one missing, one corrupt, one empty file per split
+        events = read_events_tsv(synthetic_audioset / f"{split}_events.tsv")
+        assert events == expected and all((synthetic_audioset / "audio" / split / f).is_file() for f in events)
+        assert all(0 <= onset < offset <= 10 for file_events in events.values() for onset, offset, _ in file_events)
 
 
 def test_same_seed_gives_identical_content_and_another_seed_does_not(tmp_path):
