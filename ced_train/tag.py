@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -215,8 +216,14 @@ def stream_main(args: argparse.Namespace, model: torch.nn.Module, names: list[st
             code, message = error.exit_code, f"error: {error}"
         except KeyboardInterrupt:
             code, message = EXIT_INTERRUPTED, f"stream: {source.name}: interrupted after {tagger.seconds:.2f} s"
-        for record in tagger.finish():
-            print(json.dumps(record), flush=True)
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): stop as on Ctrl-C
+            _discard_stdout()
+            code, message = EXIT_INTERRUPTED, f"stream: {source.name}: stdout closed after {tagger.seconds:.2f} s"
+        try:
+            for record in tagger.finish():
+                print(json.dumps(record), flush=True)
+        except BrokenPipeError:
+            _discard_stdout()
     finally:
         source.close()
         signal.signal(signal.SIGTERM, previous)
@@ -235,6 +242,11 @@ def stream_main(args: argparse.Namespace, model: torch.nn.Module, names: list[st
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered for a closed pipe is dropped, not raised at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def file_windows(model: torch.nn.Module, names: list[str], path: str, args: argparse.Namespace) -> tuple:

@@ -299,3 +299,23 @@ def test_ffmpeg_input_streams_like_the_file_and_a_bad_device_is_one_line(clip, s
     assert bad.returncode == 2 and bad.stdout == b""
     (line,) = bad.stderr.decode().strip().splitlines()
     assert line.startswith("error: ffmpeg -f alsa -i no_such_device: ffmpeg failed")
+
+
+def test_thresholds_tuned_on_labelled_files_are_written_and_used(clip, tmp_path):
+    path, _ = clip
+    truth = tmp_path / "truth.tsv"
+    truth.write_text("filename\tonset\toffset\tevent_label\n"
+                     + "".join(f"{path.name}\t{onset}\t{offset}\t{label}\n" for label, onset, offset in TRUTH))
+    common = [str(path), "--checkpoint", str(DEMO_TEACHER), "--truth", str(truth), "--events"]
+    tuned_file = tmp_path / "thresholds.tsv"
+    tuned = run_tag(*common, str(tmp_path / "tuned.tsv"), "--tune-thresholds", str(tuned_file))
+    assert tuned.returncode == 0, tuned.stderr
+    rows = [line.split("\t") for line in tuned_file.read_text().splitlines()]
+    assert rows[0] == ["label", "on", "off"] and len(rows) == 1 + 527
+    on = {label: float(value) for label, value, _ in rows[1:]}
+    assert on["Whistle"] == 0.5 and 0.05 <= on["Buzz"] <= 0.95  # classes without truth keep the default
+    # The file reads back as --thresholds and gives the same events.
+    again = run_tag(*common, str(tmp_path / "again.tsv"), "--thresholds", str(tuned_file))
+    assert (tmp_path / "again.tsv").read_text() == (tmp_path / "tuned.tsv").read_text()
+    assert f"wrote per-class thresholds tuned on 1 files to {tuned_file}" in tuned.stderr.decode()
+    assert again.stderr.decode().splitlines()[-2:] == tuned.stderr.decode().splitlines()[-2:]  # the same F1 lines
