@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ced_train.data.manifest import write_json_atomic
+from ced_train.data.remote import RemoteShardError, is_url, local_shards_dir
+from ced_train.extras import MissingExtra, require
 from ced_train.lightning.fit import StageOutputError
 from ced_train.models import CheckpointError
 from ced_train.report import write_report
@@ -144,7 +146,8 @@ def _unset_path_hints(cfg: DictConfig) -> list[str]:
 
 
 def check_inputs(cfg: DictConfig) -> None:
-    """Raise MissingInputError listing every input of the run's stages that neither exists nor is made earlier."""
+    """Raise MissingInputError listing every input of the run's stages that neither exists nor is made earlier, or,
+    for a shard directory at a URL, cannot be fetched and verified (here, so that the stages read the local copy)."""
     made: list[str] = []
     problems: list[str] = []
     for stage in cfg.stages:
@@ -159,6 +162,12 @@ def check_inputs(cfg: DictConfig) -> None:
             except OmegaConfBaseException as error:
                 problems.append(f"stage {stage} reads {key}, which is not set ({type(error).__name__}: "
                                 f"{str(error).splitlines()[0]})")
+                continue
+            if key.endswith("shards") and is_url(path):  # fetched and verified now, once per process
+                try:
+                    local_shards_dir(path)
+                except RemoteShardError as error:
+                    problems.append(f"stage {stage} reads {key}: {error}")
                 continue
             if Path(path).exists() or any(path == out or path.startswith(out.rstrip("/") + "/") for out in made):
                 continue
@@ -340,5 +349,25 @@ def main(cfg: DictConfig) -> None:
     print(f"results: {path}", flush=True)
 
 
+def require_launcher_plugin(argv: list[str]) -> None:
+    """Raise MissingExtra when the command line picks a launcher of hydra-submitit-launcher (`hydra/launcher=slurm`,
+    `slurm_local`, or submitit's own `submitit_slurm`, `submitit_local`) and the `slurm` extra is not installed: Hydra
+    itself would only say that it cannot load the config `hydra/launcher/submitit_slurm`, in 8 lines and exit 1."""
+    for arg in argv:
+        match = re.fullmatch(r"\+{0,2}hydra/launcher=(\w+)", arg)
+        if match is None:
+            continue
+        choice = match[1]
+        config = CONFIG_DIR / "hydra" / "launcher" / f"{choice}.yaml"
+        defaults = OmegaConf.load(config).get("defaults", []) if config.is_file() else []
+        if any(str(name).startswith("submitit_") for name in [choice, *defaults]):
+            require("slurm", "hydra_plugins.hydra_submitit_launcher", "submitit", feature=f"hydra/launcher={choice}")
+
+
 if __name__ == "__main__":
+    try:
+        require_launcher_plugin(sys.argv[1:])  # before Hydra composes the launcher's config
+    except MissingExtra as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

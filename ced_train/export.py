@@ -25,10 +25,19 @@ from pathlib import Path
 import torch
 
 from ced_train.audio import SAMPLE_RATE
+from ced_train.extras import MissingExtra, require
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
 
 MAX_SECONDS = 3600
 QUANTIZE = ("none", "int8")
+
+
+def require_onnx_export(quantize: str) -> None:
+    """What `export_onnx` imports: onnx and onnxscript (the dynamo exporter imports them inside `torch.onnx.export`),
+    and for int8 ONNX Runtime's quantiser; raises MissingExtra naming the `export` extra."""
+    int8 = ("onnxruntime", "onnxruntime.quantization") if quantize == "int8" else ()
+    require("export", "onnx", "onnxscript", *int8,
+            feature="ONNX export" + (" with --quantize int8" if quantize == "int8" else ""))
 
 
 def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = 18, quantize: str = "none") -> Path:
@@ -36,9 +45,11 @@ def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = 18, quanti
     `out` via the dynamo exporter, int8-quantised when `quantize` is "int8"; returns the path written. The graph's
     STFT is a convolution (`LogMelFrontEnd.stft_as_convolution`); `model` itself is left unchanged. Files are made
     in a temporary directory beside `out` and moved into place when complete (`out`, and `out.data` where the
-    exporter stores the weights apart), so a failed export leaves nothing behind."""
+    exporter stores the weights apart), so a failed export leaves nothing behind; without the `export` extra it
+    raises MissingExtra before writing anything."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    require_onnx_export(quantize)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval()
@@ -84,13 +95,12 @@ def quantize_int8(fp32: Path, out: Path) -> None:
 class OnnxTagger:
     """An exported ONNX model as a tagger, for `tag` and `serve`: `(batch, samples)` float32 torch tensor at 16 kHz →
     `(batch, classes)` float32 probabilities, on ONNX Runtime's CPU provider with `threads` intra-op threads (None:
-    its default)."""
+    its default). Without the `export` extra it raises MissingExtra."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise CheckpointError(f"{path}: ONNX models need onnxruntime: pip install 'ced-train[export]'") from None
+        require("export", "onnxruntime", feature="tagging with an ONNX model")
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -138,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "hf" and args.quantize != "none":
         parser.error("--quantize applies to --format onnx only")
     try:
+        if args.format == "onnx":  # before loading the checkpoint: a missing extra fails at once
+            require_onnx_export(args.quantize)
         model = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, pooling="mean")
         if not isinstance(model, CEDModel):
             raise CheckpointError(f"{args.checkpoint}: export writes CED transformers, this is a "
                                   f"{type(model).__name__}")
         names = hf_class_names(model, args.labels, args.checkpoint) if args.format == "hf" else None
-    except (CheckpointError, ValueError, OSError) as error:
+    except (MissingExtra, CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from safetensors import SafetensorError

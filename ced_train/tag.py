@@ -13,7 +13,8 @@ probabilities. `--events` also slides `--window-s` windows every `--hop-s` over 
 events (`filename onset offset event_label`, filenames matched to the tail of the tagged paths), and
 `--tune-thresholds` first picks each class's threshold on these files and writes it.
 A file that cannot be read is reported on one line on stderr and the other files are still tagged; the exit code is
-then 1. A checkpoint that cannot be loaded stops the run with exit code 2.
+then 1. A checkpoint that cannot be loaded, or an ONNX model without the `export` extra, stops the run with exit
+code 2.
 
 Stream (`--stream` or `--ffmpeg-input`; sources in `ced_train.streaming`): one JSON line per hop as the audio
 arrives (`ced_train.windowed` says what a line holds), events as they open and close, and a last line that closes the
@@ -35,6 +36,7 @@ import torch
 
 from ced_train.audio import SAMPLE_RATE, AudioDecodeError, AudioSource, load_audio
 from ced_train.events import Thresholds, read_events_tsv, tune_thresholds, write_events_tsv
+from ced_train.extras import MissingExtra
 from ced_train.labels import NUM_AUDIOSET_CLASSES, display_names, load_class_labels
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
 from ced_train.models.checkpoint import checkpoint_class_names
@@ -178,6 +180,9 @@ def load_tagger(checkpoint: str, labels: str | None, trust: bool) -> tuple[torch
         else:  # trained checkpoints record pooling "logit" (raw logits for the loss); tagging reports probabilities
             model = load_checkpoint(checkpoint, trust=trust, pooling="mean")
         return model, class_names(model.num_classes, labels, checkpoint)
+    except MissingExtra as error:  # the checkpoint is fine; the installation lacks what runs it
+        print(f"error: {error}", file=sys.stderr)
+        return None
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: checkpoint {checkpoint}: {error}", file=sys.stderr)
         return None

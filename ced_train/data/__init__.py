@@ -1,6 +1,6 @@
 """Shards on disk (format, manifest, readers) and the training-side stream.
 
-`ClipStream`, `ClipBatch` and `collate_clips` need torch and webdataset; they are imported on first use so that
+`ClipStream`, `ClipBatch` and `collate_clips` need torch; they are imported on first use so that
 `data_prep`, which only writes shards, starts without loading torch (about 2 s per worker process).
 """
 

@@ -132,11 +132,16 @@ def write_manifest(root: str | Path, payload: dict) -> Path:
 
 def read_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
     """Read `shards_dir/manifest.json`; with `check_files`, also check every shard file exists with its recorded size.
+    A URL (`https://...`, `s3://...`, `pipe:...{}...`) is read from its verified local copy (`remote.py`), which is
+    then the manifest's `root`.
 
     Raises:
         FileNotFoundError / ValueError: naming the directory and what is missing or wrong.
+        remote.RemoteShardError (an OSError): a URL whose files could not be fetched or do not match the manifest.
     """
-    root = Path(shards_dir)
+    from ced_train.data import remote  # it imports this module
+
+    root = remote.local_shards_dir(str(shards_dir)) if remote.is_url(shards_dir) else Path(shards_dir)
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(

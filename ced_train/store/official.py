@@ -42,6 +42,7 @@ from ced_train.augment import VIEW_PARAMS_DTYPE, AugmentConfig
 from ced_train.data import read_manifest
 from ced_train.data.chunks import shard_chunks
 from ced_train.data.shards import file_sha256, iter_records
+from ced_train.extras import require
 from ced_train.models.frontend import N_MELS, num_frames
 from ced_train.store.format import OFFICIAL_BATCH, OFFICIAL_CHUNK, StoreError, StoreSpec, create_layout
 from ced_train.store.writing import atomic_file
@@ -126,14 +127,18 @@ def official_parts(logits_dir: str | Path) -> list[Path]:
     return [path for _, _, path in sorted(parts)]
 
 
+def _require_pyarrow() -> None:
+    """The release's parquet files need pyarrow: the `official` extra (MissingExtra without it)."""
+    require("official", "pyarrow", "pyarrow.parquet",
+            feature="reading the paper's released outputs (their parquet files)")
+
+
 def read_official_part(path: str | Path) -> OfficialPart:
     """Read one part (its HDF5 file and the parquet beside it); a missing or inconsistent file is a `StoreError`
-    naming it."""
-    try:
-        import pyarrow.parquet
-    except ImportError as error:
-        raise StoreError("reading the reference's parquet files needs pyarrow: pip install 'ced-train[official]'") \
-            from error
+    naming it, a missing `official` extra a MissingExtra."""
+    _require_pyarrow()
+    import pyarrow.parquet
+
     path = Path(path)
     match = FILE_PATTERN.match(path.name)
     if match is None:
@@ -241,9 +246,10 @@ def import_official(logits_dir: str | Path, shards_dir: str | Path, out: str | P
     """Write the released outputs in `logits_dir` as a store of `shards_dir`'s chunks at `out` (see the module
     docstring and docs/store.md), with the accounting of what was left out beside it. `time_axis`: "batch" (1001
     frames: the reference's batches of 128 on AudioSet) or "chunk" (each chunk's own frames: a release made at batch
-    size 1) for the time-mask draws."""
+    size 1) for the time-mask draws. Without the `official` extra it raises MissingExtra before reading anything."""
     if time_axis not in TIME_AXES:
         raise ValueError(f"time axis must be one of {sorted(TIME_AXES)}, got {time_axis!r}")
+    _require_pyarrow()
     out, augment = Path(out), AugmentConfig(mixup_prob=0.0)  # the reference's chunk, shift and mask limits
     chunk_samples = augment.clip_samples
     manifest = read_manifest(shards_dir)
