@@ -308,6 +308,11 @@ def make_server(tagger: Tagger, checkpoint: str, host: str = "127.0.0.1", port: 
             self.end_headers()
             self.wfile.write(body)
 
+        def log_request(self, code="-", size="-") -> None:  # a listening page posts ~3 chunks a second: not logged
+            match = STREAM_PATH.fullmatch(self.path)
+            if not (match and not match["stop"] and str(code) == "200"):
+                super().log_request(code, size)
+
         def log_message(self, format: str, *args) -> None:  # one line per request on stderr, as tag reports errors
             print(f"serve: {self.address_string()} {format % args}", file=sys.stderr)
 
