@@ -41,8 +41,8 @@ from ced_train.labels import NUM_AUDIOSET_CLASSES, display_names, load_class_lab
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
 from ced_train.models.checkpoint import checkpoint_class_names
 from ced_train.sed_metrics import event_based, segment_based
-from ced_train.streaming import (EXIT_CANNOT_START, EXIT_INTERRUPTED, EXIT_SILENT, PCM_FORMATS, PcmFormat,
-                                 SourceError, open_source)
+from ced_train.streaming import (EXIT_BROKEN, EXIT_CANNOT_START, EXIT_INTERRUPTED, EXIT_SILENT, PCM_FORMATS,
+                                 PcmFormat, SourceError, open_source)
 from ced_train.windowed import HOP_S, MEDIAN_HOPS, WINDOW_S, WindowTagger, tag_blocks
 
 
@@ -233,8 +233,8 @@ def stream_main(args: argparse.Namespace, model: torch.nn.Module, names: list[st
         source.close()
         signal.signal(signal.SIGTERM, previous)
     if code == 0 and source.trailing_bytes:
-        code, message = 1, (f"error: {source.name}: ended mid-sample ({source.trailing_bytes} trailing bytes of a "
-                            f"{source.fmt.frame_bytes}-byte frame dropped)")
+        code, message = EXIT_BROKEN, (f"error: {source.name}: ended mid-sample ({source.trailing_bytes} trailing "
+                                      f"bytes of a {source.fmt.frame_bytes}-byte frame dropped)")
     if code == 0 and tagger.peak == 0.0:
         code, message = EXIT_SILENT, (f"stream: {source.name}: " + (
             f"held only digital silence ({tagger.seconds:.2f} s); no events" if tagger.seconds else "no audio samples"))
@@ -259,6 +259,8 @@ def file_windows(model: torch.nn.Module, names: list[str], path: str, args: argp
     tagger = WindowTagger(model, names, 1, args.window_s, args.hop_s, median_hops=args.median_hops, keep_scores=True)
     for _ in tag_blocks(tagger, AudioSource.open(path).blocks(tagger.windows.hop_samples)):
         pass
+    if not tagger.scores:  # shorter than the shortest window scored
+        return np.zeros(0), np.zeros(0), np.zeros((0, len(names)), np.float32)
     starts, ends, probs = zip(*tagger.scores)
     return np.array(starts), np.array(ends), np.stack(probs)
 
