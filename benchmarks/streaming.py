@@ -3,6 +3,7 @@
 the demo's synthetic eval split.
 
     python benchmarks/streaming.py [--checkpoint CED_TINY] [--windows 1 2 5 10] [--hop 0.5] [--timing-seconds 120]
+                                   [--train-shards data/shards/synthetic/train]
 
 Taggers: the demo's CED-Tiny student (tests/fixtures/demo_student, a weak tagger), one of its MobileNetV3 teachers
 (tests/fixtures/demo_teacher.ckpt: a tagger that works on this data) and, with --checkpoint, another CED-Tiny (an
@@ -17,6 +18,9 @@ official .pt or HF directory; nothing is downloaded). Each of the 75 eval clips
   stream's detector closes (uniform thresholds: on 0.5, off 0.3; median over 3 hops), micro-averaged over all
   classes (ced_train.sed_metrics, sed_eval's definitions), against the synthetic truth: data/synthetic/eval_events.tsv,
   or, where an older data_prep did not write it, the same rows built from synthetic.json.
+- the same events at 2 s windows with per-class thresholds tuned on the labelled train clips (--train-shards, truth
+  from balanced_train_events.tsv or synthetic.json; `events.tune_thresholds`, what `tag --tune-thresholds` runs)
+  against the uniform 0.5: what tuning buys a tagger whose probabilities are not calibrated to 0.5.
 
 Speed is measured first and apart, on one stream of eval clips back to back, cut to its first --timing-seconds (120
 s = 240 hops of the 750 s of eval audio, to keep the run short) and pushed in hop-sized blocks as a live source
@@ -28,7 +32,7 @@ hop / hop. Delay = window + median compute: how long after a sound starts the wi
 as the window can) has been scored; the detector's median filter decides events median_hops // 2 hops later still.
 Target: CED-Tiny ONNX int8 RTF <= 0.05 at 2 s windows. The 1-minute load average before and after the timing is
 printed: timings taken while other work shares the cores mean little (torch's threads then wait on each other). About
-5 minutes on the 2-core development machine.
+8 minutes on the 2-core development machine.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import torch
 from ced_train.audio import SAMPLE_RATE
 from ced_train.data import read_manifest
 from ced_train.data.shards import iter_shard
-from ced_train.events import read_events_tsv
+from ced_train.events import Thresholds, detect_events, read_events_tsv, tune_thresholds
 from ced_train.export import OnnxTagger, export_onnx
 from ced_train.metrics import tagging_metrics
 from ced_train.sed_metrics import event_based, segment_based
@@ -82,16 +86,17 @@ def read_clips(shards: Path) -> tuple[list, np.ndarray, list[str]]:
     return clips, targets, list(manifest.class_names)
 
 
-def truth_events(synthetic: Path) -> tuple[dict[str, list[tuple[float, float, str]]], str]:
-    """filename (relative to audio/eval/, as the shards' `source_file`) → truth events, and where they came from."""
-    tsv = synthetic / "eval_events.tsv"
+def truth_events(synthetic: Path, split: str = "eval") -> tuple[dict[str, list[tuple[float, float, str]]], str]:
+    """filename (relative to audio/<split>/, as the shards' `source_file`) → truth events, and where they came
+    from."""
+    tsv = synthetic / f"{split}_events.tsv"
     if tsv.is_file():
         return read_events_tsv(tsv), str(tsv)
-    # data_prep.synthetic's rule for eval_events.tsv, for datasets made before it wrote one
-    rows = json.loads((synthetic / "synthetic.json").read_text(encoding="utf-8"))["rows"]["eval"]
+    # data_prep.synthetic's rule for <split>_events.tsv, for datasets made before it wrote one
+    rows = json.loads((synthetic / "synthetic.json").read_text(encoding="utf-8"))["rows"][split]
     events = {row["file"]: sorted((e["onset_s"], round(e["onset_s"] + e["duration_s"], 3), e["class"])
                                   for e in row["events"]) for row in rows if row["defect"] is None}
-    return events, f"{synthetic / 'synthetic.json'} (no eval_events.tsv)"
+    return events, f"{synthetic / 'synthetic.json'} (no {split}_events.tsv)"
 
 
 def stream_clips(model, clips: list, names: list[str], window_s: float,
@@ -150,6 +155,42 @@ def score_taggers(models: dict, clips: list, targets: np.ndarray, truth: dict, n
     return rows
 
 
+def window_scores(model, clips: list, names: list[str], window_s: float,
+                  hop_s: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each clip streamed on its own → its windows' `(starts_s, ends_s, (windows, classes) probs)`."""
+    scores = []
+    for clip in clips:
+        tagger = WindowTagger(model, names, top_k=1, window_s=window_s, hop_s=hop_s, keep_scores=True)
+        for _ in tag_blocks(tagger, [clip.waveform]):
+            pass
+        starts, ends, probs = zip(*tagger.scores)
+        scores.append((np.array(starts), np.array(ends), np.stack(probs)))
+    return scores
+
+
+def tuned_thresholds_rows(models: dict, train: tuple, evaluation: tuple, names: list[str], window_s: float,
+                          hop_s: float) -> dict:
+    """(tagger, "uniform" or "tuned") → event-based counts, hop-collar F1 and segment F1 on the eval clips, with
+    thresholds uniform (0.5) or tuned per class on the train clips' truth (`tune_thresholds`, segment F1)."""
+    (train_clips, train_truth), (eval_clips, eval_truth) = train, evaluation
+    rows, began = {}, time.perf_counter()
+    for label, model in models.items():
+        tuned = tune_thresholds(window_scores(model, train_clips, names, window_s, hop_s),
+                                [train_truth.get(clip.meta["source_file"], []) for clip in train_clips], names)
+        scores = window_scores(model, eval_clips, names, window_s, hop_s)
+        for kind, thresholds in (("uniform 0.5", Thresholds.uniform(len(names))), ("tuned on train", tuned)):
+            predicted = {clip.meta["source_file"]: [(e.onset_s, e.offset_s, e.label) for e in
+                                                    detect_events(*score, names, thresholds, MEDIAN_HOPS)]
+                         for clip, score in zip(eval_clips, scores)}
+            rows[label, kind] = {
+                "events": event_based(eval_truth, predicted, names, t_collar=0.2, percentage_of_length=0.2).overall,
+                "hop_collar_f1": event_based(eval_truth, predicted, names, t_collar=hop_s,
+                                             percentage_of_length=0.2).overall.f1,
+                "segment_f1": segment_based(eval_truth, predicted, names, time_resolution=1.0).overall.f1}
+        print(f"  tuned thresholds of {label} ({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
 def time_runtimes(student, teacher, names: list[str], stream: np.ndarray, windows_s: list[float], hop_s: float,
                   threads: int) -> tuple[dict, np.ndarray]:
     """(tagger, runtime, window_s) → compute_ms per hop of `stream`, and the tagger's own work per hop (all rows)."""
@@ -175,6 +216,8 @@ def main() -> None:
     parser.add_argument("--timing-seconds", type=float, default=120.0, help="length of the timed stream, s")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shards", type=Path, default=Path("data/shards/synthetic/eval"))
+    parser.add_argument("--train-shards", type=Path, default=Path("data/shards/synthetic/train"),
+                        help="labelled clips (of the synthetic balanced_train split) to tune thresholds on")
     parser.add_argument("--synthetic", type=Path, default=Path("data/synthetic"))
     args = parser.parse_args()
     if not (args.shards / "manifest.json").is_file() or not (args.synthetic / "synthetic.json").is_file():
@@ -212,6 +255,9 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     print(f"  timed ({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
     accuracy = score_taggers(models, clips, targets, truth, names, args.windows, args.hop)
+    train_clips = read_clips(args.train_shards)[0]
+    tuning = tuned_thresholds_rows(models, (train_clips, truth_events(args.synthetic, "balanced_train")[0]),
+                                   (clips, truth), names, TARGET_WINDOW_S, args.hop)
 
     print(f"Streaming tagger, windows every {args.hop:g} s hop, {len(clips)} eval clips of {args.shards}; "
           f"{os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, onnxruntime "
@@ -236,6 +282,17 @@ def main() -> None:
             print(f"mAP of {TARGET_WINDOW_S:g} s windows - whole clip (negative: a loss), {label}: "
                   f"{100 * (windowed['map_max'] - whole):+.2f} (max over windows), "
                   f"{100 * (windowed['map_mean'] - whole):+.2f} (mean)")
+
+    print(f"\nEvents with per-class thresholds tuned on the {len(train_clips)} clips of {args.train_shards} "
+          f"(tune_thresholds: each class's best segment F1; tag --tune-thresholds) against the uniform 0.5, "
+          f"{TARGET_WINDOW_S:g} s windows, scored on the eval clips as above\n")
+    print(f"| tagger | thresholds | events predicted (matched) | event F1 | event F1, {args.hop:g} s collar | "
+          "segment F1 |")
+    print("|---|---|---|---|---|---|")
+    for (label, kind), row in tuning.items():
+        events = row["events"]
+        print(f"| {label} | {kind} | {events.tp + events.fp} ({events.tp}) | {100 * events.f1:.1f} | "
+              f"{100 * row['hop_collar_f1']:.1f} | {100 * row['segment_f1']:.1f} |")
 
     counts = [len(compute) for compute in timings.values()]
     timed_hops = len(stream) // round(args.hop * SAMPLE_RATE)
