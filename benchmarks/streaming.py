@@ -134,6 +134,13 @@ def hop_times_ms(model, names: list[str], stream: np.ndarray, window_s: float,
     return np.array(compute[WARMUP_WINDOWS:]), np.array(overhead[WARMUP_WINDOWS:])
 
 
+def event_scores(truth: dict, predicted: dict, names: list[str], hop_s: float) -> dict:
+    """Event-based counts (collar 0.2 s, offsets 20 %), event F1 with a one-hop collar and segment F1 (1 s)."""
+    return {"events": event_based(truth, predicted, names, t_collar=0.2, percentage_of_length=0.2).overall,
+            "hop_collar_f1": event_based(truth, predicted, names, t_collar=hop_s, percentage_of_length=0.2).overall.f1,
+            "segment_f1": segment_based(truth, predicted, names, time_resolution=1.0).overall.f1}
+
+
 def score_taggers(models: dict, clips: list, targets: np.ndarray, truth: dict, names: list[str],
                   windows_s: list[float], hop_s: float) -> dict:
     """(tagger, window_s or "whole clip") → mAP of the max and the mean over windows, event-based counts and
@@ -144,13 +151,9 @@ def score_taggers(models: dict, clips: list, targets: np.ndarray, truth: dict, n
         rows[label, "whole clip"] = {"map_max": tagging_metrics(targets, whole).mAP}
         for window_s in windows_s:
             max_scores, mean_scores, predicted = stream_clips(model, clips, names, window_s, hop_s)
-            rows[label, window_s] = {
-                "map_max": tagging_metrics(targets, max_scores).mAP,
-                "map_mean": tagging_metrics(targets, mean_scores).mAP,
-                "events": event_based(truth, predicted, names, t_collar=0.2, percentage_of_length=0.2).overall,
-                "hop_collar_f1": event_based(truth, predicted, names, t_collar=hop_s,
-                                             percentage_of_length=0.2).overall.f1,
-                "segment_f1": segment_based(truth, predicted, names, time_resolution=1.0).overall.f1}
+            rows[label, window_s] = {"map_max": tagging_metrics(targets, max_scores).mAP,
+                                     "map_mean": tagging_metrics(targets, mean_scores).mAP,
+                                     **event_scores(truth, predicted, names, hop_s)}
         print(f"  scored {label} ({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
     return rows
 
@@ -182,11 +185,7 @@ def tuned_thresholds_rows(models: dict, train: tuple, evaluation: tuple, names: 
             predicted = {clip.meta["source_file"]: [(e.onset_s, e.offset_s, e.label) for e in
                                                     detect_events(*score, names, thresholds, MEDIAN_HOPS)]
                          for clip, score in zip(eval_clips, scores)}
-            rows[label, kind] = {
-                "events": event_based(eval_truth, predicted, names, t_collar=0.2, percentage_of_length=0.2).overall,
-                "hop_collar_f1": event_based(eval_truth, predicted, names, t_collar=hop_s,
-                                             percentage_of_length=0.2).overall.f1,
-                "segment_f1": segment_based(eval_truth, predicted, names, time_resolution=1.0).overall.f1}
+            rows[label, kind] = event_scores(eval_truth, predicted, names, hop_s)
         print(f"  tuned thresholds of {label} ({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
     return rows
 
