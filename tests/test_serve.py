@@ -284,7 +284,10 @@ def test_a_browser_listens_to_the_microphone_and_sees_the_class_live_and_its_eve
                       f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required")
 
     def labels(selector: str) -> list[str]:
-        return [element.text for element in driver.find_elements(By.CSS_SELECTOR, selector)]
+        """The texts of the matching elements, read in one script: the page replaces its lists at every hop, so
+        elements found in one call may be gone by the next (a stale element reference)."""
+        return driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map(element => element.textContent);", selector)
 
     try:
         driver.get(url)
