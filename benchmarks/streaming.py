@@ -57,7 +57,7 @@ from ced_train.export import OnnxTagger, export_onnx
 from ced_train.metrics import tagging_metrics
 from ced_train.sed_metrics import event_based, segment_based
 from ced_train.tag import load_tagger
-from ced_train.windowed import HOP_S, MEDIAN_HOPS, WindowTagger, score_window, tag_blocks
+from ced_train.windowed import HOP_S, MEDIAN_HOPS, WindowTagger, score_window, tag_blocks, window_scores
 
 STUDENT, TEACHER = "tests/fixtures/demo_student", "tests/fixtures/demo_teacher.ckpt"
 WARMUP_WINDOWS = 5
@@ -158,19 +158,6 @@ def score_taggers(models: dict, clips: list, targets: np.ndarray, truth: dict, n
     return rows
 
 
-def window_scores(model, clips: list, names: list[str], window_s: float,
-                  hop_s: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Each clip streamed on its own → its windows' `(starts_s, ends_s, (windows, classes) probs)`."""
-    scores = []
-    for clip in clips:
-        tagger = WindowTagger(model, names, top_k=1, window_s=window_s, hop_s=hop_s, keep_scores=True)
-        for _ in tag_blocks(tagger, [clip.waveform]):
-            pass
-        starts, ends, probs = zip(*tagger.scores)
-        scores.append((np.array(starts), np.array(ends), np.stack(probs)))
-    return scores
-
-
 def tuned_thresholds_rows(models: dict, train: tuple, evaluation: tuple, names: list[str], window_s: float,
                           hop_s: float) -> dict:
     """(tagger, "uniform" or "tuned") → event-based counts, hop-collar F1 and segment F1 on the eval clips, with
@@ -178,9 +165,9 @@ def tuned_thresholds_rows(models: dict, train: tuple, evaluation: tuple, names: 
     (train_clips, train_truth), (eval_clips, eval_truth) = train, evaluation
     rows, began = {}, time.perf_counter()
     for label, model in models.items():
-        tuned = tune_thresholds(window_scores(model, train_clips, names, window_s, hop_s),
+        tuned = tune_thresholds([window_scores(model, names, [clip.waveform], window_s, hop_s) for clip in train_clips],
                                 [train_truth.get(clip.meta["source_file"], []) for clip in train_clips], names)
-        scores = window_scores(model, eval_clips, names, window_s, hop_s)
+        scores = [window_scores(model, names, [clip.waveform], window_s, hop_s) for clip in eval_clips]
         for kind, thresholds in (("uniform 0.5", Thresholds.uniform(len(names))), ("tuned on train", tuned)):
             predicted = {clip.meta["source_file"]: [(e.onset_s, e.offset_s, e.label) for e in
                                                     detect_events(*score, names, thresholds, MEDIAN_HOPS)]

@@ -15,7 +15,7 @@ import math
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,27 +98,41 @@ class AudioSource:
         if block_samples < 1:
             raise ValueError(f"block_samples must be >= 1, got {block_samples}")
         source_block = max(1, math.ceil(block_samples * self.source_rate / sample_rate))
-        resampler = None if self.source_rate == sample_rate else soxr.ResampleStream(
-            self.source_rate, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
         reader = _ffmpeg_frames if self.via_ffmpeg else _soundfile_frames
-        pending: list[np.ndarray] = []
-        held = 0
-        for frames in reader(self, source_block, start_s, stop_s):
-            if not np.isfinite(frames).all():
-                raise AudioDecodeError(self.path, "decoded samples contain NaN or inf")
-            mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
-            out = mono if resampler is None else resampler.resample_chunk(mono, last=False)
-            pending.append(np.asarray(out, dtype=np.float32))
-            held += len(out)
-            while held >= block_samples:
-                block, pending, held = _take(pending, block_samples)
-                yield block
-        if resampler is not None:
-            pending.append(np.asarray(resampler.resample_chunk(np.zeros(0, np.float32), last=True), np.float32))
-            held += len(pending[-1])
-        while held > 0:
-            block, pending, held = _take(pending, min(block_samples, held))
-            yield block
+        yield from mono_blocks(reader(self, source_block, start_s, stop_s), self.source_rate, block_samples,
+                               sample_rate, self.path)
+
+
+def mono_blocks(frames: Iterable[np.ndarray], source_rate: int, block_samples: int, sample_rate: int = SAMPLE_RATE,
+                name: str | Path = "audio") -> Iterator[np.ndarray]:
+    """`(n, channels)` float32 frames at `source_rate` Hz, in order → `(block_samples,)` float32 mono blocks at
+    `sample_rate`, the last one shorter: downmixed by the mean over channels and resampled with soxr's stream
+    resampler (equal to its one-shot output whatever the frames' sizes). The rule of every decoder here: files,
+    pipes and live inputs.
+
+    Raises:
+        AudioDecodeError: `name`'s samples hold NaN or inf.
+    """
+    resampler = None if source_rate == sample_rate else soxr.ResampleStream(
+        source_rate, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+    pending: list[np.ndarray] = []
+    held = 0
+    for block in frames:
+        if not np.isfinite(block).all():
+            raise AudioDecodeError(name, "decoded samples contain NaN or inf")
+        mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+        out = mono if resampler is None else resampler.resample_chunk(mono, last=False)
+        pending.append(np.asarray(out, dtype=np.float32))
+        held += len(out)
+        while held >= block_samples:
+            chunk, pending, held = _take(pending, block_samples)
+            yield chunk
+    if resampler is not None:
+        pending.append(np.asarray(resampler.resample_chunk(np.zeros(0, np.float32), last=True), np.float32))
+        held += len(pending[-1])
+    while held > 0:
+        chunk, pending, held = _take(pending, min(block_samples, held))
+        yield chunk
 
 
 def _take(pending: list[np.ndarray], count: int) -> tuple[np.ndarray, list[np.ndarray], int]:

@@ -47,8 +47,8 @@ import torch
 from ced_train.audio import AUDIO_EXTENSIONS, RESAMPLE_QUALITY, SAMPLE_RATE, AudioDecodeError, load_audio
 from ced_train.events import Event
 from ced_train.streaming import MAX_RATE, MIN_RATE
-from ced_train.tag import load_tagger, tag_waveform, top_classes
-from ced_train.windowed import HOP_S, WINDOW_S, WindowTagger, tag_blocks
+from ced_train.tag import load_tagger, tag_waveform
+from ced_train.windowed import HOP_S, WINDOW_S, WindowTagger, tag_blocks, top_classes
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 MAX_CHUNK_BYTES = 2 * 1024 * 1024  # one stream chunk: 10.9 s of float32 at 48 kHz (the page sends about 0.3 s)

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-import soxr
 
-from ced_train.audio import RESAMPLE_QUALITY, SAMPLE_RATE, AudioDecodeError, AudioSource
+from ced_train.audio import SAMPLE_RATE, AudioDecodeError, AudioSource, mono_blocks
 
 # What `tag --stream` exits with: 0 the source ended; the others below.
 EXIT_BROKEN, EXIT_CANNOT_START, EXIT_SILENT, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -185,36 +184,27 @@ class PipeSource(Source):
         return PcmFormat(rate, channels, sample)
 
     def blocks(self, block_samples: int) -> Iterator[np.ndarray]:
+        try:
+            yield from mono_blocks(self._frames(block_samples), self.fmt.rate, block_samples, name=self.name)
+        except AudioDecodeError as error:
+            raise SourceError(str(error), EXIT_BROKEN) from None
+
+    def _frames(self, block_samples: int) -> Iterator[np.ndarray]:
+        """`(n, channels)` float32 frames as they arrive, about `block_samples` at 16 kHz a read; sets
+        `trailing_bytes` when the stream ends inside a frame."""
         fmt = self.fmt
         dtype, _ = PCM_FORMATS[fmt.sample]
-        resampler = None if fmt.rate == SAMPLE_RATE else soxr.ResampleStream(
-            fmt.rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
         read_bytes = max(fmt.frame_bytes, math.ceil(block_samples * fmt.rate / SAMPLE_RATE) * fmt.frame_bytes)
-        pending, held = [], 0
         while True:
             data = self._pending + self._read(read_bytes)
             self._pending = b""
             if len(data) == 0 or (len(data) < fmt.frame_bytes and not self._more(data)):
                 self.trailing_bytes = len(data)
-                break
+                return
             usable = len(data) - len(data) % fmt.frame_bytes
             self._pending = data[usable:]
             frames = np.frombuffer(data[:usable], dtype=dtype).reshape(-1, fmt.channels)
-            mono = frames.mean(axis=1, dtype=np.float32) * np.float32(_PCM_SCALE[fmt.sample])
-            if not np.isfinite(mono).all():
-                raise SourceError(f"{self.name}: samples are NaN or inf", EXIT_BROKEN)
-            out = mono if resampler is None else resampler.resample_chunk(mono, last=False)
-            pending.append(np.asarray(out, np.float32))
-            held += len(out)
-            while held >= block_samples:
-                joined = np.concatenate(pending)
-                yield joined[:block_samples]
-                pending, held = [joined[block_samples:]], held - block_samples
-        if resampler is not None:
-            pending.append(np.asarray(resampler.resample_chunk(np.zeros(0, np.float32), last=True), np.float32))
-        rest = np.concatenate(pending) if pending else np.zeros(0, np.float32)
-        for start in range(0, len(rest), block_samples):
-            yield rest[start : start + block_samples]
+            yield frames.astype(np.float32) * np.float32(_PCM_SCALE[fmt.sample])
 
     def _more(self, partial: bytes) -> bool:
         """Whether a partial frame is completed by more data (else the stream ended mid-sample)."""

@@ -31,11 +31,10 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ced_train.audio import SAMPLE_RATE, AudioDecodeError, AudioSource, load_audio
-from ced_train.events import Thresholds, read_events_tsv, tune_thresholds, write_events_tsv
+from ced_train.events import Thresholds, detect_events, read_events_tsv, tune_thresholds, write_events_tsv
 from ced_train.extras import MissingExtra
 from ced_train.labels import NUM_AUDIOSET_CLASSES, display_names, load_class_labels
 from ced_train.models import CEDModel, CheckpointError, load_checkpoint
@@ -43,7 +42,7 @@ from ced_train.models.checkpoint import checkpoint_class_names
 from ced_train.sed_metrics import event_based, segment_based
 from ced_train.streaming import (EXIT_BROKEN, EXIT_CANNOT_START, EXIT_INTERRUPTED, EXIT_SILENT, PCM_FORMATS,
                                  PcmFormat, SourceError, open_source)
-from ced_train.windowed import HOP_S, MEDIAN_HOPS, WINDOW_S, WindowTagger, tag_blocks
+from ced_train.windowed import HOP_S, MEDIAN_HOPS, WINDOW_S, WindowTagger, top_classes, window_scores
 
 
 def tag_waveform(model: CEDModel, waveform: torch.Tensor, chunk_samples: int) -> torch.Tensor:
@@ -51,16 +50,6 @@ def tag_waveform(model: CEDModel, waveform: torch.Tensor, chunk_samples: int) ->
     chunks = waveform.split(chunk_samples)
     with torch.inference_mode():
         return torch.cat([model(chunk.unsqueeze(0)) for chunk in chunks])
-
-
-def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[dict]:
-    """`(classes,)` probabilities → the `k` most probable as `{"index", "label", "probability"}`, descending; each
-    probability is the model's float32 value (as a Python float, so JSON keeps every digit)."""
-    values, indices = probs.topk(min(k, probs.numel()))
-    return [
-        {"index": int(i), "label": names[i], "probability": float(v)}
-        for v, i in zip(values.tolist(), indices.tolist())
-    ]
 
 
 def known_class_names(num_classes: int, label_file: str | None, checkpoint: str | None = None) -> list[str] | None:
@@ -188,11 +177,6 @@ def load_tagger(checkpoint: str, labels: str | None, trust: bool) -> tuple[torch
         return None
 
 
-def window_tagger(model: torch.nn.Module, names: list[str], args: argparse.Namespace,
-                  thresholds: Thresholds) -> WindowTagger:
-    return WindowTagger(model, names, args.top_k, args.window_s, args.hop_s, thresholds, args.median_hops)
-
-
 def read_thresholds(args: argparse.Namespace, names: list[str]) -> Thresholds:
     """`--thresholds` over a `--threshold` default. Raises ValueError naming the file and line."""
     if args.thresholds is None:
@@ -209,7 +193,7 @@ def stream_main(args: argparse.Namespace, model: torch.nn.Module, names: list[st
     except SourceError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    tagger = window_tagger(model, names, args, thresholds)
+    tagger = WindowTagger(model, names, args.top_k, args.window_s, args.hop_s, thresholds, args.median_hops)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     code, message = 0, None
     try:
@@ -254,38 +238,24 @@ def _discard_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def file_windows(model: torch.nn.Module, names: list[str], path: str, args: argparse.Namespace) -> tuple:
-    """Window scores of one file → `(starts_s, ends_s, probs (windows, classes))`, for tuning thresholds."""
-    tagger = WindowTagger(model, names, 1, args.window_s, args.hop_s, median_hops=args.median_hops, keep_scores=True)
-    for _ in tag_blocks(tagger, AudioSource.open(path).blocks(tagger.windows.hop_samples)):
-        pass
-    if not tagger.scores:  # shorter than the shortest window scored
-        return np.zeros(0), np.zeros(0), np.zeros((0, len(names)), np.float32)
-    starts, ends, probs = zip(*tagger.scores)
-    return np.array(starts), np.array(ends), np.stack(probs)
-
-
 def events_main(args: argparse.Namespace, model: torch.nn.Module, names: list[str], thresholds: Thresholds,
                 paths: list[str]) -> None:
-    """`--events` (and `--truth`, `--tune-thresholds`) over the files that decoded."""
+    """`--events` (and `--truth`, `--tune-thresholds`) over the files that decoded: each file's windows are scored
+    once; thresholds are tuned on those scores, and the events detected from them."""
+    scores = [window_scores(model, names, AudioSource.open(path).blocks(), args.window_s, args.hop_s)
+              for path in paths]
     truth = read_events_tsv(args.truth) if args.truth else None
     if args.tune_thresholds:
-        labelled = [(path, truth_of(truth, path)) for path in paths]
-        thresholds = tune_thresholds([file_windows(model, names, path, args) for path, _ in labelled],
-                                     [events for _, events in labelled], names, median_hops=args.median_hops)
+        thresholds = tune_thresholds(scores, [truth_of(truth, path) for path in paths], names,
+                                     median_hops=args.median_hops)
         thresholds.write(args.tune_thresholds, names)
         print(f"wrote per-class thresholds tuned on {len(paths)} files to {args.tune_thresholds}", file=sys.stderr)
-    rows = []
-    for path in paths:
-        tagger = window_tagger(model, names, args, thresholds)
-        for _ in tag_blocks(tagger, AudioSource.open(path).blocks(tagger.windows.hop_samples)):
-            pass
-        rows.extend((path, event) for event in sorted(tagger.events, key=lambda e: (e.onset_s, e.label)))
-    write_events_tsv(args.events, rows)
-    print(f"wrote {len(rows)} events of {len(paths)} files to {args.events}", file=sys.stderr)
+    events = {path: detect_events(*score, names, thresholds, args.median_hops) for path, score in zip(paths, scores)}
+    write_events_tsv(args.events, [(path, event) for path in paths for event in events[path]])
+    print(f"wrote {sum(map(len, events.values()))} events of {len(paths)} files to {args.events}", file=sys.stderr)
     if truth is not None:
         reference = {path: truth_of(truth, path) for path in paths}
-        predicted = {path: [(e.onset_s, e.offset_s, e.label) for p, e in rows if p == path] for path in paths}
+        predicted = {path: [(e.onset_s, e.offset_s, e.label) for e in events[path]] for path in paths}
         labels = names  # every class the model can report: its false alarms count
         for name, result in (("event-based (collar 0.2 s, 20 %)", event_based(reference, predicted, labels)),
                              ("segment-based (1 s)", segment_based(reference, predicted, labels))):

@@ -26,6 +26,16 @@ WINDOW_S, HOP_S, MEDIAN_HOPS = 2.0, 0.5, 3
 MIN_WINDOW_SAMPLES = 512
 
 
+def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[dict]:
+    """`(classes,)` probabilities → the `k` most probable as `{"index", "label", "probability"}`, descending; each
+    probability is the model's float32 value (as a Python float, so JSON keeps every digit)."""
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [
+        {"index": int(i), "label": names[i], "probability": float(v)}
+        for v, i in zip(values.tolist(), indices.tolist())
+    ]
+
+
 def score_window(model: torch.nn.Module, samples: np.ndarray) -> np.ndarray:
     """`(samples,)` float32 at 16 kHz → `(classes,)` float32 probabilities of a tagger (a torch model or an
     `OnnxTagger`: `(batch, samples)` → `(batch, classes)`)."""
@@ -86,9 +96,8 @@ class WindowTagger:
             self.scores.append((window.start_s, window.end_s, probs))
         opened, closed = self.detector.push(window.start_s, window.end_s, probs)
         self.events.extend(closed)
-        top = np.argsort(-probs, kind="stable")[: self.top_k]
         return {"start_s": round(window.start_s, 3), "end_s": round(window.end_s, 3),
-                "top": [{"index": int(i), "label": self.names[i], "probability": float(probs[i])} for i in top],
+                "top": top_classes(torch.from_numpy(probs), self.names, self.top_k),
                 "opened": [_event(e) for e in opened], "closed": [_event(e) for e in closed],
                 "compute_ms": round(compute_ms, 3)}
 
@@ -106,3 +115,16 @@ def tag_blocks(tagger: WindowTagger, blocks: Iterable[np.ndarray]) -> Iterator[d
     for block in blocks:
         yield from tagger.push(block)
     yield from tagger.finish()
+
+
+def window_scores(model: torch.nn.Module, names: list[str], blocks: Iterable[np.ndarray], window_s: float = WINDOW_S,
+                  hop_s: float = HOP_S) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every scored window of a stream of blocks → `(starts_s, ends_s, (windows, classes) probs)`, as
+    `ced_train.events.detect_events` and `tune_thresholds` take them (no windows: empty arrays)."""
+    tagger = WindowTagger(model, names, 1, window_s, hop_s, keep_scores=True)
+    for _ in tag_blocks(tagger, blocks):
+        pass
+    if not tagger.scores:  # shorter than the shortest window scored
+        return np.zeros(0), np.zeros(0), np.zeros((0, len(names)), np.float32)
+    starts, ends, probs = zip(*tagger.scores)
+    return np.array(starts), np.array(ends), np.stack(probs)
